@@ -1,0 +1,23 @@
+# Developer entry points. `make test` is the one test command: it creates .venv, builds
+# the C core and the Cython bindings into it, and runs the whole suite.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: setup test bench clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+
+setup: $(PY)
+	$(PY) -m pip install -e '.[test]'
+
+test: setup
+	$(PY) -m pytest tests
+
+bench: setup
+	$(PY) -m pytest bench --benchmark-only
+
+clean:
+	rm -rf build ems/_core.c ems/*.so *.egg-info

@@ -1,0 +1,163 @@
+/* Pool: arena + slab allocator + index + CLOCK eviction, the single-node block store.
+ *
+ * One process owns a pool and is the only writer; other processes attach read-only by
+ * memfd. Writes are two-phase: ems_pool_reserve allocates a slot the caller fills, then
+ * ems_pool_commit publishes it (or ems_pool_abort frees it), so no reader sees a partial
+ * block. Owner threads pin a block while they copy it out and eviction skips pinned
+ * blocks. Attached readers do not pin: they validate each copy with the entry generation
+ * and report a block that changed under them as a miss.
+ *
+ * Thread safety: every function may be called from any thread of the owner process.
+ * Writers serialize on one mutex held only for metadata updates (never during a copy);
+ * lookups and copies take no lock. Attached handles support the read calls only.
+ */
+#ifndef EMS_POOL_H
+#define EMS_POOL_H
+
+#include <pthread.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "arena.h"
+#include "index.h"
+#include "layout.h"
+#include "slab.h"
+
+typedef struct ems_pool_config {
+    uint64_t capacity;        /* data bytes; rounded down to whole slabs */
+    uint64_t slab_size;       /* 0 = default from capacity (see ems_pool_default_slab_size) */
+    uint32_t max_blocks;      /* entry table size; 0 = capacity / EMS_DEFAULT_BLOCK_HINT */
+    ems_page_kind_t pages;    /* EMS_PAGES_AUTO walks the fallback chain */
+    const char *debug_name;   /* memfd name shown in /proc/PID/fd, may be NULL */
+} ems_pool_config_t;
+
+#define EMS_DEFAULT_BLOCK_HINT (16u << 10)
+#define EMS_MIN_ENTRIES 64u
+#define EMS_MAX_ENTRIES 0xfffffff0u
+
+typedef struct ems_pool {
+    ems_arena_t arena;
+    ems_layout_t *layout;
+    ems_index_t index;
+    ems_slab_allocator_t slabs;
+    ems_entry_t *entries;
+    int owner;                /* 1 for the owner, 0 for an attached reader */
+    pthread_mutex_t lock;     /* owner only: serializes writers */
+    /* Counters of an attached reader, which cannot write to the shared header. */
+    _Atomic uint64_t local_hits, local_misses, local_retries;
+} ems_pool_t;
+
+/* A slot handed out by ems_pool_reserve and not yet committed or aborted. */
+typedef struct ems_reservation {
+    uint32_t entry;
+    uint32_t gen;
+    uint8_t *data;   /* payload destination, `length` bytes */
+    uint64_t length;
+    int exists;      /* 1 when the key was already stored: nothing to fill or commit */
+} ems_reservation_t;
+
+/* Default slab size for a capacity: capacity / 16 rounded down to a power of two, kept
+ * within 1 MiB..32 MiB, so a pool has about 16 slabs or more to move between classes. */
+uint64_t ems_pool_default_slab_size(uint64_t capacity);
+
+/* Creates an owner pool. Returns 0, -EINVAL for a bad slab size or entry count, -ERANGE
+ * when capacity cannot hold one slab, -ENOMEM when no memory could be mapped. */
+int ems_pool_create(ems_pool_t *pool, const ems_pool_config_t *config);
+
+/* Attaches read-only to the pool behind `fd`. Returns 0, -EINVAL when the file is not an
+ * EMS pool, -EPROTO for an unsupported layout version, or a negative errno. */
+int ems_pool_attach(ems_pool_t *pool, int fd);
+
+/* Unmaps. The owner first marks the pool closed so attached readers see only misses. */
+void ems_pool_close(ems_pool_t *pool);
+
+/* Turns an owner handle into a reader handle, for the child of a fork: the child shares
+ * the mapping but not the parent's mutex, so it must not write. */
+void ems_pool_disown(ems_pool_t *pool);
+
+/* Largest block the pool accepts (its slab size). */
+uint64_t ems_pool_max_block(const ems_pool_t *pool);
+
+/* ---- writes (owner only; -EPERM on an attached pool) ---------------------------- */
+
+/* Reserves a slot for `length` bytes under `key`. When the key is already committed it
+ * returns 0 with r->exists = 1 and nothing reserved. Evicts as needed. Returns 0,
+ * -EINVAL (length 0), -EMSGSIZE (length > max block), -ENOSPC when every candidate block
+ * is pinned or reserved. */
+int ems_pool_reserve(ems_pool_t *pool, const uint8_t key[EMS_KEY_BYTES], uint64_t length,
+                     ems_reservation_t *r);
+
+/* Publishes a filled reservation. If another writer committed the same key first, the
+ * reservation is freed and 0 is returned (idempotent). Returns 0 or -ENOSPC when the
+ * key's index buckets hold only pinned blocks (the reservation is then freed). */
+int ems_pool_commit(ems_pool_t *pool, ems_reservation_t *r);
+
+/* Frees an uncommitted reservation. */
+void ems_pool_abort(ems_pool_t *pool, ems_reservation_t *r);
+
+/* reserve + memcpy + commit. Returns 0 when stored, 1 when the key was already stored
+ * (nothing copied), or a negative code of ems_pool_reserve / ems_pool_commit. */
+int ems_pool_put(ems_pool_t *pool, const uint8_t key[EMS_KEY_BYTES], const void *src,
+                 uint64_t length);
+
+/* Removes `key`. A pinned block is freed when its last pin drops. Returns 0 or -ENOENT. */
+int ems_pool_delete(ems_pool_t *pool, const uint8_t key[EMS_KEY_BYTES]);
+
+/* Sets or clears the PROTECT hint on each present key of keys[0..n). Returns how many
+ * keys were present. */
+int64_t ems_pool_protect(ems_pool_t *pool, const uint8_t *keys, uint64_t n, int protect);
+
+/* ---- reads (owner and attached) ------------------------------------------------- */
+
+/* Length of the block under `key`, or -ENOENT. */
+int64_t ems_pool_length(ems_pool_t *pool, const uint8_t key[EMS_KEY_BYTES]);
+
+/* Copies the block under `key` into dst, which must be exactly the block length.
+ * Returns the length, -ENOENT on a miss (including a block that changed during an
+ * attached reader's copy), or -EMSGSIZE when dst_len differs (*actual gets the length). */
+int64_t ems_pool_get(ems_pool_t *pool, const uint8_t key[EMS_KEY_BYTES], void *dst,
+                     uint64_t dst_len, uint64_t *actual);
+
+/* 1 when `key` is stored, else 0. Counts no hit or miss. */
+int ems_pool_exists(ems_pool_t *pool, const uint8_t key[EMS_KEY_BYTES]);
+
+/* Number of leading keys of keys[0..n) that are stored, stopping at the first absent one. */
+uint64_t ems_pool_match_prefix(ems_pool_t *pool, const uint8_t *keys, uint64_t n);
+
+/* ---- batches: keys are n contiguous 32-byte keys, results[i] per key ------------ */
+
+/* results[i] = the return of ems_pool_put for key i. Returns how many failed (< 0). */
+uint64_t ems_pool_put_many(ems_pool_t *pool, const uint8_t *keys, uint64_t n,
+                           const void *const *srcs, const uint64_t *lengths, int64_t *results);
+
+/* results[i] = block length, -ENOENT, or -EMSGSIZE (then lengths[i] is overwritten with
+ * the stored length). Returns the number of hits. */
+uint64_t ems_pool_get_many(ems_pool_t *pool, const uint8_t *keys, uint64_t n,
+                           void *const *dsts, uint64_t *lengths, int64_t *results);
+
+/* out[i] = 1 when key i is stored. Returns how many are. */
+uint64_t ems_pool_exists_many(ems_pool_t *pool, const uint8_t *keys, uint64_t n,
+                              uint8_t *out);
+
+/* ---- statistics ----------------------------------------------------------------- */
+
+typedef struct ems_class_stats {
+    uint32_t size_class;
+    uint64_t slot_size, slabs, blocks, payload_bytes, wasted_bytes, evictions;
+} ems_class_stats_t;
+
+typedef struct ems_pool_stats {
+    uint64_t capacity, slab_size, slabs, free_slabs, max_blocks, blocks;
+    uint64_t bytes_used, bytes_free, bytes_wasted, metadata_bytes;
+    uint64_t hits, misses, puts, put_exists, evictions, deletes, slab_moves, pool_full;
+    uint64_t reader_retries;
+    uint32_t page_kind, nclasses_used;
+} ems_pool_stats_t;
+
+/* Fills *stats and up to `max_classes` per-class rows (classes with a slab). Returns the
+ * number of classes with a slab, which may exceed max_classes. Owner: exact under the
+ * mutex; attached: a racy snapshot of the owner's counters plus its own hits and misses. */
+int ems_pool_stats(ems_pool_t *pool, ems_pool_stats_t *stats, ems_class_stats_t *classes,
+                   uint32_t max_classes);
+
+#endif

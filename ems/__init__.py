@@ -1,0 +1,13 @@
+"""EMS, the Elastic Memory Service: a shared-memory pool for LLM KV-cache blocks.
+
+    import ems
+    pool = ems.Pool(1 << 30)
+    pool.put(key32, block_bytes)
+    pool.get_into(key32, destination)
+"""
+from ems import errors
+from ems._core import KEY_BYTES, Reservation, default_slab_size
+from ems.pool import Pool
+
+__all__ = ["KEY_BYTES", "Pool", "Reservation", "default_slab_size", "errors"]
+__version__ = "0.1.0"
