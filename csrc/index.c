@@ -13,7 +13,7 @@
 
 uint32_t ems_index_buckets_for(uint32_t nentries)
 {
-    uint64_t n = ((uint64_t)nentries + 5) / 6;
+    uint64_t n = ((uint64_t)nentries * 2 + 10) / 11;
     return n < 2 ? 2 : (uint32_t)n;
 }
 
@@ -97,6 +97,78 @@ int ems_index_lookup(const ems_index_t *index, const uint8_t key[EMS_KEY_BYTES],
     if (rc != 0)
         return rc;
     return bucket_lookup(index, b2, tag, key, slot_word);
+}
+
+void ems_index_prefetch_buckets(const ems_index_t *index, const uint8_t key[EMS_KEY_BYTES])
+{
+    uint32_t b1, b2;
+    uint16_t tag;
+    key_place(index, key, &b1, &b2, &tag);
+    __builtin_prefetch(&index->buckets[b1], 0, 3);
+    __builtin_prefetch(&index->buckets[b2], 0, 3);
+}
+
+/* Prefetches the entries that buckets b1 and b2 hold under `tag`. A racy peek is fine: a
+ * stale slot word only prefetches the wrong line. */
+static void prefetch_tagged(const ems_index_t *index, uint32_t b1, uint32_t b2, uint16_t tag)
+{
+    uint32_t buckets[2] = {b1, b2};
+    for (int i = 0; i < 2; i++) {
+        for (int s = 0; s < EMS_BUCKET_SLOTS; s++) {
+            uint64_t w = atomic_load_explicit(&index->buckets[buckets[i]].slots[s],
+                                              memory_order_relaxed);
+            if (w != 0 && EMS_SLOT_TAG(w) == tag) {
+                /* 52-byte entries straddle cache lines: fetch both ends of the key. */
+                const ems_entry_t *e = &index->entries[EMS_SLOT_ENTRY(w) - 1];
+                __builtin_prefetch(e->key, 0, 3);
+                __builtin_prefetch(e->key + EMS_KEY_BYTES - 1, 0, 3);
+            }
+        }
+    }
+}
+
+void ems_index_prefetch_entries(const ems_index_t *index, const uint8_t key[EMS_KEY_BYTES])
+{
+    uint32_t b1, b2;
+    uint16_t tag;
+    key_place(index, key, &b1, &b2, &tag);
+    prefetch_tagged(index, b1, b2, tag);
+}
+
+uint64_t ems_index_lookup_many(const ems_index_t *index, const uint8_t *keys, uint64_t n,
+                               uint64_t *words)
+{
+    /* Each key is hashed once into a ring that the three stages share. */
+    enum { D = EMS_PREFETCH_DISTANCE, RING = 32 }; /* a power of two above 2 * D */
+    _Static_assert(2 * EMS_PREFETCH_DISTANCE < 32, "prefetch ring too small");
+    struct { uint32_t b1, b2; uint16_t tag; } ring[RING];
+    uint64_t found = 0;
+
+    for (uint64_t i = 0; i < n + 2 * D; i++) {
+        if (i < n) {
+            uint32_t r = (uint32_t)(i & (RING - 1));
+            key_place(index, keys + i * EMS_KEY_BYTES, &ring[r].b1, &ring[r].b2, &ring[r].tag);
+            __builtin_prefetch(&index->buckets[ring[r].b1], 0, 3);
+            __builtin_prefetch(&index->buckets[ring[r].b2], 0, 3);
+        }
+        if (i >= D && i - D < n) {
+            uint32_t r = (uint32_t)((i - D) & (RING - 1));
+            prefetch_tagged(index, ring[r].b1, ring[r].b2, ring[r].tag);
+        }
+        if (i >= 2 * D) {
+            uint64_t k = i - 2 * D;
+            uint32_t r = (uint32_t)(k & (RING - 1));
+            const uint8_t *key = keys + k * EMS_KEY_BYTES;
+            int rc = bucket_lookup(index, ring[r].b1, ring[r].tag, key, &words[k]);
+            if (rc == 0)
+                rc = bucket_lookup(index, ring[r].b2, ring[r].tag, key, &words[k]);
+            if (rc == 1)
+                found++;
+            else
+                words[k] = 0;
+        }
+    }
+    return found;
 }
 
 /* Write lock: one CAS from an even version to the next odd one. Writers are serialized

@@ -30,20 +30,15 @@ typedef struct block_view {
     const uint8_t *data;
 } block_view_t;
 
-/* Finds `key` without pinning. Returns 1 with *view filled when the entry looked
- * committed and consistent, else 0. The caller must confirm view->gen after using the
- * data (view_still_valid). */
-static int view_find(ems_pool_t *pool, const uint8_t key[EMS_KEY_BYTES], block_view_t *view)
+/* Fills *view from the slot word the index returned for `key`, without pinning.
+ * Returns 1 when the entry looked committed and consistent, else 0. The caller must
+ * confirm view->gen after using the data (view_still_valid). */
+static int view_from_word(ems_pool_t *pool, const uint8_t key[EMS_KEY_BYTES], uint64_t word,
+                          block_view_t *view)
 {
     const ems_layout_t *layout = pool->layout;
-    if (atomic_load_explicit(&pool->layout->closed, memory_order_acquire))
-        return 0;
-
-    uint64_t word;
-    if (ems_index_lookup(&pool->index, key, &word) != 1)
-        return 0;
     uint32_t id = EMS_SLOT_ENTRY(word) - 1;
-    if (id >= layout->nentries)
+    if (word == 0 || id >= layout->nentries)
         return 0;
 
     ems_entry_t *e = &pool->entries[id];
@@ -64,6 +59,20 @@ static int view_find(ems_pool_t *pool, const uint8_t key[EMS_KEY_BYTES], block_v
     view->length = length;
     view->data = data;
     return 1;
+}
+
+static int pool_closed(const ems_pool_t *pool)
+{
+    return (int)atomic_load_explicit(&pool->layout->closed, memory_order_acquire);
+}
+
+/* Finds `key` without pinning; see view_from_word. */
+static int view_find(ems_pool_t *pool, const uint8_t key[EMS_KEY_BYTES], block_view_t *view)
+{
+    uint64_t word;
+    if (pool_closed(pool) || ems_index_lookup(&pool->index, key, &word) != 1)
+        return 0;
+    return view_from_word(pool, key, word, view);
 }
 
 /* True when the entry kept its generation since view_find, so everything read through
@@ -174,10 +183,26 @@ uint64_t ems_pool_get_many(ems_pool_t *pool, const uint8_t *keys, uint64_t n,
 uint64_t ems_pool_exists_many(ems_pool_t *pool, const uint8_t *keys, uint64_t n,
                               uint8_t *out)
 {
+    /* Chunks of batched index lookups (which prefetch ahead), then the entry checks of
+     * ems_pool_exists on lines the prefetch already brought in. */
+    enum { CHUNK = 256 };
+    uint64_t words[CHUNK];
     uint64_t present = 0;
-    for (uint64_t i = 0; i < n; i++) {
-        out[i] = (uint8_t)ems_pool_exists(pool, keys + i * EMS_KEY_BYTES);
-        present += out[i];
+    int closed = pool_closed(pool);
+    for (uint64_t start = 0; start < n; start += CHUNK) {
+        uint64_t count = n - start < CHUNK ? n - start : CHUNK;
+        const uint8_t *chunk = keys + start * EMS_KEY_BYTES;
+        if (closed)
+            memset(words, 0, sizeof words);
+        else
+            ems_index_lookup_many(&pool->index, chunk, count, words);
+        for (uint64_t i = 0; i < count; i++) {
+            block_view_t view;
+            const uint8_t *key = chunk + i * EMS_KEY_BYTES;
+            out[start + i] = (uint8_t)(view_from_word(pool, key, words[i], &view) &&
+                                       view_still_valid(pool, &view));
+            present += out[start + i];
+        }
     }
     return present;
 }

@@ -267,14 +267,20 @@ int ems_pool_reserve(ems_pool_t *pool, const uint8_t key[EMS_KEY_BYTES], uint64_
     return 0;
 }
 
-/* Makes room in the key's two buckets by evicting one unpinned block held there. */
+/* Makes room in the key's two buckets by evicting one unpinned block held there, chosen
+ * as CLOCK would: unreferenced before referenced, protected last. */
 static int bucket_make_room(ems_pool_t *pool, const uint8_t key[EMS_KEY_BYTES])
 {
     uint32_t ids[2 * EMS_BUCKET_SLOTS];
     int n = ems_index_candidates(&pool->index, key, ids);
-    for (int i = 0; i < n; i++)
-        if (evict_entry(pool, ids[i]))
-            return 0;
+    for (int rank = 0; rank < 3; rank++) {
+        for (int i = 0; i < n; i++) {
+            uint32_t f = atomic_load_explicit(&pool->entries[ids[i]].flags, memory_order_relaxed);
+            int entry_rank = (f & EMS_FLAG_PROTECT) ? 2 : (f & EMS_FLAG_REF) ? 1 : 0;
+            if (entry_rank == rank && evict_entry(pool, ids[i]))
+                return 0;
+        }
+    }
     return -ENOSPC;
 }
 

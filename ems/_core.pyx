@@ -157,6 +157,11 @@ cdef class KeyBatch:
                 load_key(keys[i], self.data + i * 32, f"key {i} of the batch")
             return
         span_acquire(keys, &self.span, False, "batch of keys")
+        if (self.span.has_view and self.span.view.ndim >= 2 and
+                self.span.view.shape[self.span.view.ndim - 1] * self.span.view.itemsize != 32):
+            raise InvalidKeyError(
+                "keys must be 32 bytes, but the rows of the batch are "
+                f"{self.span.view.shape[self.span.view.ndim - 1] * self.span.view.itemsize} bytes")
         if self.span.size % 32 != 0:
             raise InvalidKeyError(f"batch of keys is {self.span.size} bytes, which is not a "
                                   "multiple of the 32-byte key size")
@@ -263,6 +268,8 @@ cdef class Reservation:
     def commit(self):
         """Publish the block. Returns True (also when another writer stored the key first)."""
         cdef int rc
+        if not self.pool._open:
+            raise PoolClosedError("the pool is closed; the reservation was aborted")
         if self.done:
             raise ValueError("the reservation is already committed or aborted")
         self._close_view()
@@ -287,7 +294,7 @@ cdef class Reservation:
         self._close_view()
         self.done = True
         self.pool._reservations.discard(self)
-        if self.pool._open:
+        if self.pool._open and not self.r.exists:
             ems_pool_abort(&self.pool.pool, &self.r)
 
     def __enter__(self):
@@ -301,7 +308,7 @@ cdef class Reservation:
         return False
 
     def __dealloc__(self):
-        if not self.done and self.pool is not None and self.pool._open:
+        if not self.done and not self.r.exists and self.pool is not None and self.pool._open:
             ems_pool_abort(&self.pool.pool, &self.r)
 
 
@@ -478,8 +485,6 @@ cdef class _CorePool:
             res.slot.size = nbytes
             res.slot.valid = True
             self._reservations.add(res)
-        else:
-            res.done = True
         return res
 
     def get_into(self, key, buffer):
