@@ -10,8 +10,12 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
 
+# torch is only needed for the tests that copy into torch CPU tensors; on the machines
+# this project tests on, 2.13.0 resolves to a CPU build. TORCH= skips it.
+TORCH ?= torch==2.13.0
+
 setup: $(PY)
-	$(PY) -m pip install -e '.[test]'
+	$(PY) -m pip install -e '.[test]' $(TORCH)
 
 test: setup
 	$(PY) -m pytest tests

@@ -128,7 +128,6 @@ typedef struct ems_layout {
     uint32_t clock_hand;
     uint32_t pad0;
     uint64_t bytes_used;      /* payload bytes of live blocks */
-    uint64_t bytes_slotted;   /* slot bytes of live blocks */
 
     ems_counters_t counters;
 } ems_layout_t;

@@ -68,7 +68,8 @@ int ems_pool_create(ems_pool_t *pool, const ems_pool_config_t *config);
  * EMS pool, -EPROTO for an unsupported layout version, or a negative errno. */
 int ems_pool_attach(ems_pool_t *pool, int fd);
 
-/* Unmaps. The owner first marks the pool closed so attached readers see only misses. */
+/* Unmaps. The owner first marks the pool closed so attached readers see only misses. No
+ * other call on this handle may run concurrently with or after it. */
 void ems_pool_close(ems_pool_t *pool);
 
 /* Turns an owner handle into a reader handle, for the child of a fork: the child shares

@@ -23,7 +23,7 @@ static inline uint8_t *ems_block_ptr(const ems_pool_t *pool, uint32_t slab, uint
     if (slab >= layout->nslabs || length == 0 || length > layout->slab_size)
         return NULL;
     uint64_t slot_size = ems_slab_class_size(ems_slab_class_of(length));
-    if ((uint64_t)(slot + 1) * slot_size > layout->slab_size)
+    if (((uint64_t)slot + 1) * slot_size > layout->slab_size)
         return NULL;
     return (uint8_t *)layout + layout->data_off + (uint64_t)slab * layout->slab_size +
            (uint64_t)slot * slot_size;

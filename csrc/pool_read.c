@@ -240,7 +240,12 @@ int ems_pool_stats(ems_pool_t *pool, ems_pool_stats_t *stats, ems_class_stats_t 
         if (table[c].nslabs == 0)
             continue;
         uint64_t slots = (uint64_t)table[c].nslabs * (layout->slab_size / table[c].slot_size);
-        uint64_t class_free = (slots - table[c].blocks) * table[c].slot_size;
+        /* An attached reader reads these tables while the owner changes them: clamp
+         * instead of underflowing. */
+        uint64_t blocks = table[c].blocks < slots ? table[c].blocks : slots;
+        uint64_t class_free = (slots - blocks) * table[c].slot_size;
+        uint64_t class_bytes = (uint64_t)table[c].nslabs * layout->slab_size;
+        uint64_t class_held = table[c].payload_bytes + class_free;
         free_bytes += class_free;
         if (used_classes < max_classes) {
             ems_class_stats_t *row = &classes[used_classes];
@@ -249,14 +254,15 @@ int ems_pool_stats(ems_pool_t *pool, ems_pool_stats_t *stats, ems_class_stats_t 
             row->slabs = table[c].nslabs;
             row->blocks = table[c].blocks;
             row->payload_bytes = table[c].payload_bytes;
-            row->wasted_bytes = (uint64_t)table[c].nslabs * layout->slab_size -
-                                table[c].payload_bytes - class_free;
+            row->wasted_bytes = class_bytes > class_held ? class_bytes - class_held : 0;
             row->evictions = table[c].evictions;
         }
         used_classes++;
     }
     stats->bytes_free = free_bytes;
-    stats->bytes_wasted = stats->capacity - stats->bytes_used - free_bytes;
+    stats->bytes_wasted = stats->capacity > stats->bytes_used + free_bytes
+                              ? stats->capacity - stats->bytes_used - free_bytes
+                              : 0;
     stats->nclasses_used = used_classes;
 
     stats->hits = LOAD_COUNTER(pool, hits);

@@ -75,7 +75,6 @@ void ems_block_free(ems_pool_t *pool, uint32_t id)
     c->blocks--;
     c->payload_bytes -= length;
     layout->bytes_used -= length;
-    layout->bytes_slotted -= c->slot_size;
     ems_slab_free(&pool->slabs, e->slab, e->slot);
 
     atomic_store_explicit(&e->flags, EMS_ENTRY_FREE, memory_order_relaxed);
@@ -257,7 +256,6 @@ int ems_pool_reserve(ems_pool_t *pool, const uint8_t key[EMS_KEY_BYTES], uint64_
     c->blocks++;
     c->payload_bytes += length;
     pool->layout->bytes_used += length;
-    pool->layout->bytes_slotted += c->slot_size;
     pthread_mutex_unlock(&pool->lock);
 
     r->entry = id;
