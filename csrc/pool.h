@@ -88,9 +88,10 @@ uint64_t ems_pool_max_block(const ems_pool_t *pool);
 int ems_pool_reserve(ems_pool_t *pool, const uint8_t key[EMS_KEY_BYTES], uint64_t length,
                      ems_reservation_t *r);
 
-/* Publishes a filled reservation. If another writer committed the same key first, the
- * reservation is freed and 0 is returned (idempotent). Returns 0 or -ENOSPC when the
- * key's index buckets hold only pinned blocks (the reservation is then freed). */
+/* Publishes a filled reservation. Returns 0, or 1 when another writer committed the same
+ * key first (the reservation is freed and the stored block kept: an idempotent success),
+ * or -ENOSPC when the key's index buckets hold only pinned blocks (the reservation is then
+ * freed). */
 int ems_pool_commit(ems_pool_t *pool, ems_reservation_t *r);
 
 /* Frees an uncommitted reservation. */

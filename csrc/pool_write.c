@@ -140,8 +140,9 @@ static int clock_victim(ems_pool_t *pool, uint32_t *victim)
 
 /* Empties slab `slab` so another class can take it. Returns 1 when every block in it was
  * evicted (the slab is then free), 0 when a reserved, deleted-but-pinned or pinned block
- * keeps it. This scans the entry table: slab moves are rare, lookups stay O(1). */
-static int reclaim_slab(ems_pool_t *pool, uint32_t slab)
+ * keeps it, or a protected one does unless `take_protected`. This scans the entry table:
+ * slab moves are rare, lookups stay O(1). */
+static int reclaim_slab(ems_pool_t *pool, uint32_t slab, int take_protected)
 {
     uint32_t n = pool->layout->nentries;
     for (uint32_t id = 0; id < n; id++) {
@@ -150,6 +151,8 @@ static int reclaim_slab(ems_pool_t *pool, uint32_t slab)
         if (state == EMS_ENTRY_FREE || pool->entries[id].slab != slab)
             continue;
         if (state != EMS_ENTRY_COMMITTED || EMS_ENTRY_PINS(f) != 0)
+            return 0;
+        if ((f & EMS_FLAG_PROTECT) && !take_protected)
             return 0;
     }
     for (uint32_t id = 0; id < n; id++) {
@@ -165,9 +168,13 @@ static int reclaim_slab(ems_pool_t *pool, uint32_t slab)
 
 /* Takes a slot of `size_class`, evicting until one is free. The victim is the block
  * CLOCK finds coldest in the whole pool: if it is of the same class its slot is reused,
- * otherwise its whole slab moves to this class (a pinned block in that slab keeps the
- * slab, and then only the victim goes). Each round evicts at least one block, so the loop
- * ends. */
+ * otherwise its whole slab moves to this class. A pinned or reserved block in that slab
+ * keeps the slab, and so does a protected one unless the victim itself is protected
+ * (nothing unprotected is left); then only the victim goes. Each round evicts at least
+ * one block, so the loop ends.
+ * NOTE: a slab move evicts every block of the slab, referenced ones too, so a workload
+ * that keeps alternating between many block sizes evicts more than it would with one
+ * size. */
 static int slot_take(ems_pool_t *pool, uint32_t size_class, uint32_t *slab, uint32_t *slot)
 {
     for (;;) {
@@ -178,7 +185,10 @@ static int slot_take(ems_pool_t *pool, uint32_t size_class, uint32_t *slab, uint
         if (clock_victim(pool, &victim) != 0)
             return -ENOSPC;
         ems_entry_t *e = &pool->entries[victim];
-        if (ems_slab_class_of(e->length) == size_class || !reclaim_slab(pool, e->slab))
+        int victim_protected =
+            (atomic_load_explicit(&e->flags, memory_order_relaxed) & EMS_FLAG_PROTECT) != 0;
+        if (ems_slab_class_of(e->length) == size_class ||
+            !reclaim_slab(pool, e->slab, victim_protected))
             evict_entry(pool, victim);
     }
 }
@@ -298,25 +308,27 @@ int ems_pool_commit(ems_pool_t *pool, ems_reservation_t *r)
         return -EINVAL;
     }
 
-    /* Committed before it is visible, so a reader that finds it in the index can pin it.
-     * The release orders the payload written by the filling thread before the state. */
-    atomic_store_explicit(&e->flags, EMS_ENTRY_COMMITTED | EMS_FLAG_REF, memory_order_release);
-
+    /* Step 1: insert while the entry is still RESERVED. A reader that finds it now sees a
+     * miss, and no one can pin it, so a failed insert can free it without racing a pin
+     * (a reader may hold a stale slot word naming this entry from its previous life). */
     int rc;
     while ((rc = ems_index_insert(&pool->index, e->key, r->entry, r->gen, NULL)) == -ENOSPC) {
         if (bucket_make_room(pool, e->key) != 0)
             break;
     }
 
+    /* Step 2: publish. The release orders the payload written by the filling thread before
+     * the state that lets readers pin and copy it. */
     if (rc == 0) {
+        atomic_store_explicit(&e->flags, EMS_ENTRY_COMMITTED | EMS_FLAG_REF,
+                              memory_order_release);
         EMS_COUNT(pool, puts);
     } else {
-        /* -EEXIST: another writer committed this key first, which is success. */
-        atomic_store_explicit(&e->flags, EMS_ENTRY_FREEING, memory_order_relaxed);
         ems_block_free(pool, r->entry);
         if (rc == -EEXIST) {
+            /* Another writer committed this key first: an idempotent success. */
             EMS_COUNT(pool, put_exists);
-            rc = 0;
+            rc = 1;
         } else {
             EMS_COUNT(pool, pool_full);
         }

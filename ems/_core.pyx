@@ -283,7 +283,7 @@ cdef class Reservation:
                 rc = ems_pool_commit(&self.pool.pool, &self.r)
         finally:
             self.pool._leave()
-        if rc != 0:
+        if rc < 0:
             raise_write_error(rc, self.r.length, self.pool)
         return True
 
