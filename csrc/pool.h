@@ -152,13 +152,15 @@ typedef struct ems_pool_stats {
     uint64_t capacity, slab_size, slabs, free_slabs, max_blocks, blocks;
     uint64_t bytes_used, bytes_free, bytes_wasted, metadata_bytes;
     uint64_t hits, misses, puts, put_exists, evictions, deletes, slab_moves, pool_full;
-    uint64_t reader_retries;
+    uint64_t reader_hits, reader_misses, reader_retries; /* this attached handle's own */
     uint32_t page_kind, nclasses_used;
 } ems_pool_stats_t;
 
 /* Fills *stats and up to `max_classes` per-class rows (classes with a slab). Returns the
  * number of classes with a slab, which may exceed max_classes. Owner: exact under the
- * mutex; attached: a racy snapshot of the owner's counters plus its own hits and misses. */
+ * mutex. Attached: a racy snapshot of the owner's pool-wide figures (hits and misses are
+ * the owner's), plus this handle's own reads in reader_hits, reader_misses and
+ * reader_retries. */
 int ems_pool_stats(ems_pool_t *pool, ems_pool_stats_t *stats, ems_class_stats_t *classes,
                    uint32_t max_classes);
 

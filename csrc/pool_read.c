@@ -276,8 +276,8 @@ int ems_pool_stats(ems_pool_t *pool, ems_pool_stats_t *stats, ems_class_stats_t 
     if (pool->owner) {
         pthread_mutex_unlock(&pool->lock);
     } else {
-        stats->hits = atomic_load_explicit(&pool->local_hits, memory_order_relaxed);
-        stats->misses = atomic_load_explicit(&pool->local_misses, memory_order_relaxed);
+        stats->reader_hits = atomic_load_explicit(&pool->local_hits, memory_order_relaxed);
+        stats->reader_misses = atomic_load_explicit(&pool->local_misses, memory_order_relaxed);
         stats->reader_retries = atomic_load_explicit(&pool->local_retries, memory_order_relaxed);
     }
     return (int)used_classes;

@@ -44,7 +44,7 @@ cdef extern from "pool.h":
         uint64_t capacity, slab_size, slabs, free_slabs, max_blocks, blocks
         uint64_t bytes_used, bytes_free, bytes_wasted, metadata_bytes
         uint64_t hits, misses, puts, put_exists, evictions, deletes, slab_moves, pool_full
-        uint64_t reader_retries
+        uint64_t reader_hits, reader_misses, reader_retries
         uint32_t page_kind, nclasses_used
 
     uint64_t ems_pool_default_slab_size(uint64_t capacity) nogil

@@ -757,6 +757,7 @@ cdef class _CorePool:
             metadata_bytes_per_block=s.metadata_bytes / s.max_blocks if s.max_blocks else 0.0,
             hits=s.hits, misses=s.misses, puts=s.puts, put_exists=s.put_exists,
             evictions=s.evictions, deletes=s.deletes, slab_moves=s.slab_moves,
-            pool_full=s.pool_full, reader_retries=s.reader_retries,
+            pool_full=s.pool_full, reader_hits=s.reader_hits,
+            reader_misses=s.reader_misses, reader_retries=s.reader_retries,
             page_kind=ems_page_kind_name(<ems_page_kind_t>s.page_kind).decode(),
             is_owner=bool(self.pool.owner), classes=classes)

@@ -503,7 +503,8 @@ STAT_KEYS = {
     "capacity_bytes", "slab_size", "slabs", "free_slabs", "max_blocks", "blocks",
     "bytes_used", "bytes_free", "bytes_wasted", "metadata_bytes",
     "metadata_bytes_per_block", "hits", "misses", "puts", "put_exists", "evictions",
-    "deletes", "slab_moves", "pool_full", "reader_retries", "page_kind", "classes",
+    "deletes", "slab_moves", "pool_full", "reader_hits", "reader_misses", "reader_retries",
+    "page_kind", "is_owner", "classes",
 }
 CLASS_KEYS = {
     "size_class", "slot_size", "slabs", "blocks", "payload_bytes", "wasted_bytes",

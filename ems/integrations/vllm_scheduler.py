@@ -1,0 +1,190 @@
+"""Scheduler half of the EMS vLLM connector (runs in vLLM's engine-core process).
+
+It finds how many prompt blocks beyond vLLM's own prefix-cache hit are stored in EMS,
+tells vLLM to allocate them, and emits per step the blocks the worker must load and the
+newly computed full blocks it must save. It reads the pool through a read-only handle
+(ems.Pool.attach), so no block data crosses into this process, and each lookup is a
+batched index probe in C: the scheduler never waits on I/O.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+from ems.errors import AttachError
+from ems.keys import chain_keys, layer_keys
+from ems.pool import Pool
+
+logger = logging.getLogger(__name__)
+
+_ATTACH_RETRY_S = 1.0
+
+
+@dataclass
+class BlockTransfer:
+    """One block to load or save: its per-layer keys and vLLM's block id."""
+
+    block_id: int
+    keys: list[bytes]
+
+
+@dataclass
+class StepPlan:
+    """Connector metadata for one step, sent from the scheduler to the worker."""
+
+    loads: dict[str, list[BlockTransfer]] = field(default_factory=dict)
+    saves: list[BlockTransfer] = field(default_factory=list)
+
+
+@dataclass
+class _Request:
+    prompt: list[int]
+    block_keys: list[bytes] = field(default_factory=list)
+    layer_keys: dict[int, list[bytes]] = field(default_factory=dict)
+    block_ids: list[int] = field(default_factory=list)
+    load_start: int = 0      # first block loaded from EMS
+    load_end: int = 0        # one past the last block loaded from EMS
+    saved_until: int = 0     # blocks below this index were saved or loaded
+
+
+class SchedulerSide:
+    def __init__(self, pool_name: str, namespace: bytes, block_size: int, num_layers: int):
+        self.pool_name = pool_name
+        self.namespace = namespace
+        self.block_size = block_size
+        self.num_layers = num_layers
+        self._pool: Pool | None = None
+        self._next_attach = 0.0
+        self._requests: dict[str, _Request] = {}
+        self._pending_loads: dict[str, list[BlockTransfer]] = {}
+        self.lookups = 0
+        self.blocks_matched = 0
+
+    # -- pool access --
+
+    def _reader(self) -> Pool | None:
+        """The attached pool, or None while the worker has not created it yet."""
+        if self._pool is not None and not self._pool.closed:
+            return self._pool
+        now = time.monotonic()
+        if now < self._next_attach:
+            return None
+        try:
+            self._pool = Pool.attach(self.pool_name)
+            logger.info("EMS scheduler attached to pool %s", self.pool_name)
+        except AttachError as exc:
+            self._next_attach = now + _ATTACH_RETRY_S
+            logger.debug("EMS pool %s not attachable yet: %s", self.pool_name, exc)
+            return None
+        return self._pool
+
+    # -- keys --
+
+    def _request(self, request) -> _Request:
+        state = self._requests.get(request.request_id)
+        if state is None:
+            state = _Request(prompt=list(request.prompt_token_ids))
+            state.block_keys = chain_keys(self.namespace, state.prompt, self.block_size)
+            self._requests[request.request_id] = state
+        return state
+
+    def _layer_keys(self, state: _Request, block: int) -> list[bytes]:
+        keys = state.layer_keys.get(block)
+        if keys is None:
+            keys = layer_keys(state.block_keys[block], self.num_layers)
+            state.layer_keys[block] = keys
+        return keys
+
+    # -- vLLM scheduler hooks --
+
+    def match(self, request, num_computed_tokens: int) -> int:
+        """Count prompt tokens beyond num_computed_tokens whose blocks are all in EMS.
+
+        The last prompt token is never counted, so vLLM always computes at least one token
+        and produces logits. Only whole blocks are counted."""
+        state = self._request(request)
+        usable = min(len(state.block_keys), (len(state.prompt) - 1) // self.block_size)
+        first = num_computed_tokens // self.block_size
+        if usable <= first:
+            return 0
+        pool = self._reader()
+        if pool is None:
+            return 0
+
+        probe = [key for block in range(first, usable)
+                 for key in self._layer_keys(state, block)]
+        present = pool.exists_many(probe)
+        hits = 0
+        for block in range(usable - first):
+            if not all(present[block * self.num_layers:(block + 1) * self.num_layers]):
+                break
+            hits += 1
+        self.lookups += 1
+        self.blocks_matched += hits
+        return hits * self.block_size
+
+    def after_alloc(self, request, block_ids: list[int], num_external_tokens: int,
+                    num_computed_tokens: int) -> None:
+        """Record the blocks vLLM allocated for the tokens EMS will provide."""
+        if num_external_tokens <= 0:
+            return
+        state = self._request(request)
+        first = num_computed_tokens // self.block_size
+        count = num_external_tokens // self.block_size
+        state.load_start, state.load_end = first, first + count
+        self._pending_loads[request.request_id] = [
+            BlockTransfer(block_ids[block], self._layer_keys(state, block))
+            for block in range(first, first + count)
+        ]
+
+    def plan_step(self, scheduler_output) -> StepPlan:
+        """Emit this step's loads and the saves of blocks this step completes."""
+        plan = StepPlan(loads=self._pending_loads)
+        self._pending_loads = {}
+        scheduled = scheduler_output.num_scheduled_tokens
+
+        for new in scheduler_output.scheduled_new_reqs:
+            state = self._requests.get(new.req_id)
+            if state is None:
+                state = _Request(prompt=list(new.prompt_token_ids or []))
+                state.block_keys = chain_keys(self.namespace, state.prompt, self.block_size)
+                self._requests[new.req_id] = state
+            state.block_ids = list(new.block_ids[0])
+            self._plan_saves(state, new.num_computed_tokens + scheduled.get(new.req_id, 0),
+                             plan)
+
+        cached = scheduler_output.scheduled_cached_reqs
+        for i, req_id in enumerate(cached.req_ids):
+            state = self._requests.get(req_id)
+            if state is None:
+                continue
+            new_ids = cached.new_block_ids[i]
+            if req_id in cached.resumed_req_ids:
+                state.block_ids = list(new_ids[0]) if new_ids else []
+            elif new_ids:
+                state.block_ids.extend(new_ids[0])
+            self._plan_saves(state, cached.num_computed_tokens[i] + scheduled.get(req_id, 0),
+                             plan)
+        return plan
+
+    def _plan_saves(self, state: _Request, computed_after_step: int, plan: StepPlan) -> None:
+        # Prompt blocks only: a later turn's prompt re-tokenizes earlier replies, so their
+        # decode-time blocks rarely match. Blocks loaded from EMS are not saved back.
+        full = min(computed_after_step, len(state.prompt)) // self.block_size
+        full = min(full, len(state.block_keys), len(state.block_ids))
+        for block in range(state.saved_until, full):
+            if state.load_start <= block < state.load_end:
+                continue
+            plan.saves.append(BlockTransfer(state.block_ids[block],
+                                            self._layer_keys(state, block)))
+        state.saved_until = max(state.saved_until, full)
+
+    def finished(self, request) -> None:
+        self._requests.pop(request.request_id, None)
+        self._pending_loads.pop(request.request_id, None)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None

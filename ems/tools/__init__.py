@@ -1,0 +1,1 @@
+"""Developer tools that ship with EMS (model builders for tests and benchmarks)."""
