@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup test bench clean
+.PHONY: setup test bench replay clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,19 @@ setup: $(PY)
 
 test: setup
 	$(PY) -m pytest tests
+
+# The main job: a short multi-turn replay of real conversations through vLLM on the CPU,
+# without and with EMS, on a small random-weight model built locally (no download).
+MODEL ?= models/bench
+PRESET ?= bench
+REPLAY_ARGS ?= --sessions 6 --in-flight 3 --max-turns 12
+REPLAY_OUT ?= bench/results/replay-quick
+
+$(MODEL)/config.json: | setup
+	$(PY) -m ems.tools.build_model $(MODEL) --preset $(PRESET)
+
+replay: setup $(MODEL)/config.json
+	$(PY) -m ems.replay --model $(MODEL) $(REPLAY_ARGS) --out $(REPLAY_OUT)
 
 bench: setup
 	$(PY) -m pytest bench --benchmark-only

@@ -76,6 +76,7 @@ class Pool(_core._CorePool):
         self._name = name
         self._registry = None
 
+        _remove_stale_records()
         self._claim_name(name)
         self._create(capacity_bytes, slab_size, max_blocks, pages, name)
         self._publish_name(name)
@@ -193,6 +194,25 @@ def _resolve_name(name: str) -> str:
     if not _pid_alive(pid):
         raise AttachError(3, f"pool {name!r} belongs to process {pid}, which is not running")
     return f"/proc/{pid}/fd/{fd}"
+
+
+def _remove_stale_records() -> None:
+    """Delete name records whose owner process is gone (killed before it could)."""
+    directory = run_dir()
+    try:
+        names = [n for n in os.listdir(directory) if n.endswith(_REGISTRY_SUFFIX)]
+    except OSError:
+        return
+    for file_name in names:
+        path = os.path.join(directory, file_name)
+        try:
+            with open(path) as f:
+                pid = int(json.load(f)["pid"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if not _pid_alive(pid):
+            logger.info("removing the name record %s of exited process %d", path, pid)
+            _remove_registry(path, os.getpid())
 
 
 def _remove_registry(path: str | None, pid: int) -> None:

@@ -38,6 +38,21 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
+def _share_vllm_log_handlers() -> None:
+    """Send EMS's log records where vLLM sends its own, unless EMS logging is set up."""
+    ems_logger = logging.getLogger("ems")
+    vllm_logger = logging.getLogger("vllm")
+    if ems_logger.handlers or not vllm_logger.handlers:
+        return
+    for handler in vllm_logger.handlers:
+        ems_logger.addHandler(handler)
+    ems_logger.setLevel(vllm_logger.level or logging.INFO)
+    ems_logger.propagate = False
+
+
+_share_vllm_log_handlers()
+
+
 class EMSConnectorMetadata(KVConnectorMetadata):
     """One step's plan (loads and saves), pickled from the scheduler to the worker."""
 
@@ -126,8 +141,7 @@ class EMSConnector(KVConnectorBase_V1):
             self.worker.load(plan.loads)
         except Exception:  # report every planned block so vLLM recomputes them
             logger.exception("EMS load failed; vLLM recomputes the blocks")
-            for blocks in plan.loads.values():
-                self.worker._load_errors.update(t.block_id for t in blocks)
+            self.worker.fail_loads(plan.loads)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         return

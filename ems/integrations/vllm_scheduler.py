@@ -164,6 +164,12 @@ class SchedulerSide:
                 state.block_ids = list(new_ids[0]) if new_ids else []
             elif new_ids:
                 state.block_ids.extend(new_ids[0])
+
+            # vLLM moves num_computed_tokens back when it recomputes (after a failed load
+            # or a preemption): blocks from there on must be saved again.
+            done = cached.num_computed_tokens[i] // self.block_size
+            state.saved_until = min(state.saved_until, done)
+            state.load_end = min(state.load_end, max(done, state.load_start))
             self._plan_saves(state, cached.num_computed_tokens[i] + scheduled.get(req_id, 0),
                              plan)
         return plan

@@ -29,6 +29,9 @@ class WorkerSide:
         self._device_layers: list = []  # per layer: the device tensor, when not on the CPU
         self._layer_index: dict[str, int] = {}
         self._load_errors: set[int] = set()
+        # True when a load of the current step missed. vLLM then discards what the step
+        # computed, so nothing of it may be saved.
+        self.step_load_failed = False
         self.blocks_loaded = 0
         self.blocks_saved = 0
         self.load_misses = 0
@@ -70,6 +73,7 @@ class WorkerSide:
 
     def load(self, loads: dict) -> None:
         """Copy every planned block into vLLM's KV cache; misses become load errors."""
+        self.step_load_failed = False
         if not loads or self.pool is None:
             return
         transfers = [transfer for blocks in loads.values() for transfer in blocks]
@@ -86,9 +90,16 @@ class WorkerSide:
         failed = sum(1 for t in transfers if t.block_id in self._load_errors)
         self.blocks_loaded += len(transfers) - failed
         if failed:
+            self.step_load_failed = True
             self.load_misses += failed
             logger.warning("EMS load missed %d of %d blocks (evicted since lookup); vLLM "
                            "recomputes them", failed, len(transfers))
+
+    def fail_loads(self, loads: dict) -> None:
+        """Report every planned block of a step as not loaded."""
+        for blocks in loads.values():
+            self._load_errors.update(transfer.block_id for transfer in blocks)
+        self.step_load_failed = True
 
     def take_load_errors(self) -> set[int]:
         errors, self._load_errors = self._load_errors, set()
@@ -97,8 +108,12 @@ class WorkerSide:
     # -- saves --
 
     def save(self, saves: list) -> None:
-        """Store the planned blocks, one EMS block per layer. Stored keys are skipped."""
-        if not saves or self.pool is None:
+        """Store the planned blocks, one EMS block per layer. Stored keys are skipped.
+
+        A step whose load missed saves nothing: the blocks it computed attended to KV that
+        was never loaded (vLLM recomputes them, and a later step saves them). Requests of
+        one step can share blocks, so the whole step is skipped."""
+        if not saves or self.pool is None or self.step_load_failed:
             return
         for layer, blocks in enumerate(self._layers):
             if self._device_layers:

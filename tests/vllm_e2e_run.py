@@ -1,0 +1,76 @@
+"""Run multi-turn sessions through a real vLLM LLM (CPU) and print the results as JSON.
+
+Started by tests/test_vllm_e2e.py in a subprocess, so vLLM's engine and worker processes
+never share state with pytest. Usage:
+
+    python tests/vllm_e2e_run.py '{"model": DIR, "pool_name": NAME or null, ...}'
+
+The JSON object has four fields. model: the model directory. pool_name: the EMS pool name,
+or null to run without the connector. sessions: per session and turn, the new token ids of
+that turn. max_tokens: tokens generated per turn.
+
+Each turn's prompt is the previous prompt, the previous output and the turn's new tokens.
+All sessions of one turn go in one generate call, and vLLM's prefix cache is reset between
+turns, so any cached token of a later turn came from the connector. The last stdout line
+is `E2E_RESULT {json}`.
+"""
+import json
+import sys
+import time
+
+
+def main():
+    args = json.loads(sys.argv[1])
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    kwargs = dict(model=args["model"], dtype="float32", enforce_eager=True, max_model_len=2048,
+                  seed=0)
+    if args["pool_name"]:
+        kwargs["kv_transfer_config"] = {
+            "kv_connector": "EMSConnector",
+            "kv_connector_module_path": "ems.integrations.vllm",
+            "kv_role": "kv_both",
+            "kv_load_failure_policy": "recompute",
+            "kv_connector_extra_config": {"pool_name": args["pool_name"],
+                                          "pool_capacity_bytes": 256 << 20,
+                                          "pool_pages": "small"},
+        }
+    started = time.monotonic()
+    llm = LLM(**kwargs)
+    startup_s = time.monotonic() - started
+    block_size = llm.llm_engine.vllm_config.cache_config.block_size
+    params = SamplingParams(temperature=0.0, max_tokens=args["max_tokens"], ignore_eos=True)
+
+    sessions = args["sessions"]
+    histories = [[] for _ in sessions]
+    turns = []
+    for turn in range(len(sessions[0])):
+        prompts = [history + session[turn] for history, session in zip(histories, sessions)]
+        outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params,
+                               use_tqdm=False)
+        records = []
+        for i, (prompt, output) in enumerate(zip(prompts, outputs)):
+            tokens = list(output.outputs[0].token_ids)
+            records.append({"prompt_len": len(prompt), "cached": output.num_cached_tokens,
+                            "tokens": tokens,
+                            "finish_reason": output.outputs[0].finish_reason})
+            histories[i] = prompt + tokens
+        turns.append(records)
+        llm.reset_prefix_cache()
+
+    stats = None
+    if args["pool_name"]:
+        import ems
+
+        reader = ems.Pool.attach(args["pool_name"])
+        stats = {k: v for k, v in reader.stats().items() if isinstance(v, (int, float, str))}
+        reader.close()
+    result = {"block_size": block_size, "turns": turns, "stats": stats,
+              "startup_s": round(startup_s, 1),
+              "total_s": round(time.monotonic() - started, 1)}
+    print("E2E_RESULT " + json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()
