@@ -24,7 +24,7 @@ test: setup
 # without and with EMS, on a small random-weight model built locally (no download).
 MODEL ?= models/bench
 PRESET ?= bench
-REPLAY_ARGS ?= --sessions 6 --in-flight 3 --max-turns 12
+REPLAY_ARGS ?=
 REPLAY_OUT ?= bench/results/replay-quick
 
 $(MODEL)/config.json: | setup

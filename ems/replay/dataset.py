@@ -1,15 +1,17 @@
 """Sessions for the replay benchmark, built from real chats of the `chitchat-dataset` wheel.
 
-One conversation is one session. Turns alternate between two people; the first speaker plays
+One conversation is one session. Turns alternate between two people: the first speaker plays
 `user` and the other `assistant`, and consecutive turns by the same sender are merged. Each user
-turn is one request: the chat-template rendering of every earlier message (the dataset's own
-text for both roles) plus the new user message and the generation prompt. The engine's reply
-is not fed back, so both passes of a benchmark send exactly the same prompts whatever they
-generate, and each prompt starts with the previous prompt of its session (the dataset's
-assistant text follows the previous generation prompt).
+turn is one request, whose prompt is the chat-template rendering of every earlier message plus
+the new user message and the generation prompt. Each prompt extends the previous prompt of its
+session token for token, which build_session checks for every turn.
+
+A turn's history is everything before its new tokens: the previous prompt, plus the previous
+reply in "generated" mode. Those are the tokens a KV cache can hold. The new tokens are the
+user's message, plus the dataset's assistant reply in "dataset" mode.
 
 Think time before a request is the real gap, in seconds, between the other side's last
-utterance and the user's next one, times a scale factor; the runner sleeps that long after the
+utterance and the user's next one, times a scale factor. The runner sleeps that long after the
 previous reply.
 """
 import dataclasses
@@ -21,23 +23,24 @@ from ems.tools.build_model import render_ids
 @dataclasses.dataclass
 class Turn:
     index: int              # 0-based request index within the session
-    prompt_ids: list        # token ids sent to the engine
+    new_ids: list           # token ids appended after the previous prompt (and its reply)
     think_s: float          # seconds to wait after the previous reply (0 for the first)
 
 
 @dataclasses.dataclass
 class Session:
     uuid: str
+    history: str            # "dataset" or "generated", see build_session
     turns: list
 
 
 def _seconds(stamp):
-    """POSIX seconds of an ISO-8601 UTC stamp such as 2018-05-02T19:38:15Z."""
+    """Return the POSIX seconds of an ISO-8601 UTC stamp such as 2018-05-02T19:38:15Z."""
     return datetime.datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
 
 
 def _messages(conversation):
-    """[(role, text, first_ts, last_ts)] with same-sender turns merged, roles alternating."""
+    """Return [(role, text, first_ts, last_ts)], same-sender turns merged, roles alternating."""
     merged = []
     for turn in conversation["messages"]:
         sender = turn[0]["sender"]
@@ -52,57 +55,77 @@ def _messages(conversation):
             for i, (_, text, first, last) in enumerate(merged)]
 
 
-def _rank(data, max_requests):
-    """Conversation uuids, most words in the first 2*max_requests turns first (uuid breaks ties).
+def _rank(data, max_requests, history):
+    """Rank conversation uuids by words in their first 2*max_requests turns, most first.
 
     Long histories are what the benchmark is about, and most chitchat conversations are short
-    (median 2 turns), so the ranking favours those with the most text early on.
+    (median 2 turns), so the ranking favours those with the most text early on. In "generated"
+    mode only the user's turns (even positions) reach the prompts, so only they count. Ties go
+    to the smaller uuid.
     """
     scored = []
     for uuid, conversation in data.items():
         turns = conversation["messages"][:2 * max_requests]
         if len(turns) < 3:
             continue
+        if history == "generated":
+            turns = turns[::2]
         words = sum(len(u["text"].split()) for turn in turns for u in turn)
         scored.append((-words, uuid))
     return [uuid for _, uuid in sorted(scored)]
 
 
-def build_session(uuid, conversation, tokenizer, max_requests, max_prompt_tokens, think_scale):
-    """The session's requests, stopping before the first prompt longer than max_prompt_tokens."""
+def build_session(uuid, conversation, tokenizer, history, max_requests, max_prompt_tokens,
+                  max_tokens, think_scale):
+    """Build the session's turns, stopping before the first prompt over max_prompt_tokens.
+
+    history "dataset": the assistant messages in later prompts are the dataset's replies, so
+    every pass sends the same prompts. history "generated": they are the engine's own reply
+    tokens (max_tokens each), appended by the runner at the token level, as a chat client
+    does when the server's tokenizer round-trips the reply text.
+    """
     messages = _messages(conversation)
-    turns = []
+    turns, previous = [], []
+    length = 0          # prompt length of the turn being built, replies included
     for end in range(1, len(messages) + 1, 2):
         if len(turns) == max_requests:
             break
-        history = [{"role": role, "content": text} for role, text, _, _ in messages[:end]]
-        ids = render_ids(tokenizer, history)
-        if len(ids) > max_prompt_tokens:
+        shown = [{"role": role, "content": text if role == "user" or history == "dataset"
+                  else ""} for role, text, _, _ in messages[:end]]
+        ids = render_ids(tokenizer, shown)
+        new_ids = ids[len(previous):]
+        length += len(new_ids) + (max_tokens if turns and history == "generated" else 0)
+        if length > max_prompt_tokens:
             break
         think = 0.0
         if end > 1:
             think = max(0.0, messages[end - 1][2] - messages[end - 2][3]) * think_scale
-        turns.append(Turn(index=len(turns), prompt_ids=ids, think_s=think))
-    return Session(uuid=uuid, turns=turns)
+        if ids[:len(previous)] != previous:
+            raise ValueError(f"chat template is not prefix-stable for session {uuid} turn "
+                             f"{len(turns)}: the prompt does not extend the previous one")
+        turns.append(Turn(index=len(turns), new_ids=new_ids, think_s=think))
+        previous = ids
+    return Session(uuid=uuid, history=history, turns=turns)
 
 
-def load_sessions(tokenizer, num_sessions, max_requests, max_prompt_tokens, think_scale):
-    """`num_sessions` sessions with at least 2 requests each, deterministic for given arguments."""
+MIN_REQUESTS = 4    # a session needs this many requests to count as multi-turn
+
+
+def load_sessions(tokenizer, num_sessions, history, max_requests, max_prompt_tokens, max_tokens,
+                  think_scale):
+    """Return `num_sessions` sessions of MIN_REQUESTS or more requests each.
+
+    The same arguments give the same sessions.
+    """
     import chitchat_dataset
 
     data = chitchat_dataset.Dataset()
     sessions = []
-    for uuid in _rank(data, max_requests):
-        session = build_session(uuid, data[uuid], tokenizer, max_requests, max_prompt_tokens,
-                                think_scale)
-        if len(session.turns) >= 2:
+    for uuid in _rank(data, max_requests, history):
+        session = build_session(uuid, data[uuid], tokenizer, history, max_requests,
+                                max_prompt_tokens, max_tokens, think_scale)
+        if len(session.turns) >= MIN_REQUESTS:
             sessions.append(session)
         if len(sessions) == num_sessions:
             break
     return sessions
-
-
-def prefix_violations(sessions):
-    """Requests whose prompt ids do not start with the previous request's ids (expected 0)."""
-    return sum(b.prompt_ids[:len(a.prompt_ids)] != a.prompt_ids
-               for s in sessions for a, b in zip(s.turns, s.turns[1:]))

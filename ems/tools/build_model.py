@@ -3,9 +3,10 @@
     python -m ems.tools.build_model OUTDIR [--preset tiny|bench] [--seed 0]
 
 Nothing is downloaded. The tokenizer is a byte-level BPE trained with `tokenizers` on
-conversation text from the `chitchat-dataset` wheel; the weights come from
-`LlamaForCausalLM(config)` after `torch.manual_seed(seed)`, so one seed gives the same files on
-every machine. The directory is in Hugging Face format and loads in vLLM and transformers.
+conversation text from the `chitchat-dataset` wheel. The weights come from
+`LlamaForCausalLM(config)` after `torch.manual_seed(seed)`, so one seed gives the same files
+(checked: two builds of `bench` had the same safetensors digest). The directory is in Hugging
+Face format and loads in vLLM and transformers.
 
 Weights use initializer_range 0.1 (five times the Llama default): with the default, greedy
 outputs of a random model hardly depend on distant context, and a wrong KV load could go
@@ -13,23 +14,26 @@ unnoticed (notes/vllm.md, section 2).
 
 Chat template: `<s>` then, per message, `<|role|>content<|end|>`; the generation prompt is
 `<|assistant|>`. The role markers and `<|end|>` are special tokens, so the tokenizer splits the
-text at them before BPE runs, and the token ids of a rendered history are a prefix of the ids of
-the same history with more messages appended. `check_prefix_stable` tests that property.
+text at them before BPE runs. Hence the token ids of a rendered history are a prefix of the ids
+of the same history with more messages appended. `check_prefix_stable` tests that property.
 """
 import argparse
 import os
 import sys
 import time
 
-# Shapes. tiny: a few MB, for tests. bench: prefill-heavy relative to its KV size (2 KV heads
-# of 128 against 16 query heads), so loading a cached prefix is much cheaper than recomputing
-# it. A 1,500-token cold prefill of `bench` in float32 takes about 0.5-1 s on one core of this
-# project's 2-core machine; see docs in the replay report for the measured value.
+# Shapes. tiny is a few MB, for tests. bench has 51M parameters (103 MB on disk in bfloat16).
+# Its 2 KV heads of 128 serve 8 query heads, so its KV is small (12 KiB per token in float32)
+# while its prefill is heavy, and loading a cached prefix costs far less than recomputing it.
+# Measured on this project's 2-core machine in float32, where vLLM runs the model on one core:
+# a 1,500-token prompt takes 1.06 s cold and 0.10 s with its first 1,408 tokens in vLLM's
+# prefix cache. 8 layers of 1024 took 1.35 s and 10 layers with a 2816-wide MLP took 2.9 s,
+# both over the 0.5-1 s aimed for.
 PRESETS = {
     "tiny": dict(vocab_size=2048, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
                  num_attention_heads=4, num_key_value_heads=2, head_dim=64,
                  max_position_embeddings=4096, save_dtype="float32", text_convs=1500),
-    "bench": dict(vocab_size=8192, hidden_size=1024, intermediate_size=2816, num_hidden_layers=10,
+    "bench": dict(vocab_size=8192, hidden_size=1024, intermediate_size=1024, num_hidden_layers=6,
                   num_attention_heads=8, num_key_value_heads=2, head_dim=128,
                   max_position_embeddings=4096, save_dtype="bfloat16", text_convs=4000),
 }
@@ -45,7 +49,7 @@ CHAT_TEMPLATE = (
 
 
 def training_text(num_conversations):
-    """Utterance strings of the first `num_conversations` conversations in uuid order."""
+    """Yield the utterances of the first `num_conversations` conversations in uuid order."""
     import chitchat_dataset
 
     data = chitchat_dataset.Dataset()
@@ -56,7 +60,7 @@ def training_text(num_conversations):
 
 
 def build_tokenizer(vocab_size, num_conversations):
-    """A byte-level BPE with the chat specials, wrapped as a transformers fast tokenizer."""
+    """Train a byte-level BPE with the chat special tokens and wrap it for transformers."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -75,7 +79,7 @@ def build_tokenizer(vocab_size, num_conversations):
 
 
 def render_ids(tokenizer, messages, add_generation_prompt=True):
-    """Token ids of `messages` rendered with the chat template (the template adds `<s>`)."""
+    """Render `messages` with the chat template and tokenize them (the template adds `<s>`)."""
     text = tokenizer.apply_chat_template(messages, tokenize=False,
                                          add_generation_prompt=add_generation_prompt)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -99,8 +103,28 @@ def check_prefix_stable(tokenizer, conversations):
     return checked, bad
 
 
+PREFIX_CHECKS = 100            # conversations build() checks for prefix stability
+PREFIX_CHECK_MESSAGES = 40     # leading messages checked per conversation
+
+
+def _sample_conversations(count):
+    """Return the `count` conversations with the most turns as user/assistant message lists.
+
+    Each list keeps its first PREFIX_CHECK_MESSAGES messages.
+    """
+    import chitchat_dataset
+
+    from ems.replay.dataset import _messages
+
+    data = chitchat_dataset.Dataset()
+    longest = sorted(data, key=lambda uuid: (-len(data[uuid]["messages"]), uuid))[:count]
+    return [[{"role": role, "content": text}
+             for role, text, _, _ in _messages(data[uuid])[:PREFIX_CHECK_MESSAGES]]
+            for uuid in longest]
+
+
 def build(outdir, preset="tiny", seed=0):
-    """Write the model and tokenizer to `outdir`; returns a dict describing what was built."""
+    """Write the model and tokenizer to `outdir` and return a dict describing them."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -119,9 +143,13 @@ def build(outdir, preset="tiny", seed=0):
     model = LlamaForCausalLM(config).to(getattr(torch, save_dtype))
     model.save_pretrained(outdir, safe_serialization=True)
     params = sum(p.numel() for p in model.parameters())
+    checked, violations = check_prefix_stable(tokenizer, _sample_conversations(PREFIX_CHECKS))
+    if violations:
+        raise RuntimeError(f"chat template is not prefix-stable at the token level: "
+                           f"{violations} of {checked} turns")
     return dict(outdir=outdir, preset=preset, seed=seed, params=params,
                 vocab_size=shape["vocab_size"], save_dtype=save_dtype,
-                seconds=round(time.time() - t0, 1))
+                prefix_stable_turns=checked, seconds=round(time.time() - t0, 1))
 
 
 def main(argv=None):
