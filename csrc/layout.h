@@ -120,8 +120,10 @@ typedef struct ems_layout {
     int32_t owner_pid;
     _Atomic uint32_t closed;  /* set by the owner before it unmaps; readers then miss */
 
-    /* Allocator state, owner only, under the pool mutex. */
-    uint32_t free_slab_head;  /* index + 1 */
+    /* Allocator state, owner only, under the pool mutex. It starts a cache line of its
+     * own: readers load the fields above on every lookup, and a writer storing into
+     * their line would stall them (false sharing). */
+    _Alignas(64) uint32_t free_slab_head; /* index + 1 */
     uint32_t free_entry_head; /* index + 1 */
     uint32_t free_slabs;
     uint32_t used_entries;
@@ -129,7 +131,7 @@ typedef struct ems_layout {
     uint32_t pad0;
     uint64_t bytes_used;      /* payload bytes of live blocks */
 
-    ems_counters_t counters;
+    _Alignas(64) ems_counters_t counters; /* on a line apart from the allocator state */
 } ems_layout_t;
 
 #define EMS_LAYOUT_AT(base, off, type) ((type *)((uint8_t *)(base) + (off)))
