@@ -99,15 +99,6 @@ int ems_index_lookup(const ems_index_t *index, const uint8_t key[EMS_KEY_BYTES],
     return bucket_lookup(index, b2, tag, key, slot_word);
 }
 
-void ems_index_prefetch_buckets(const ems_index_t *index, const uint8_t key[EMS_KEY_BYTES])
-{
-    uint32_t b1, b2;
-    uint16_t tag;
-    key_place(index, key, &b1, &b2, &tag);
-    __builtin_prefetch(&index->buckets[b1], 0, 3);
-    __builtin_prefetch(&index->buckets[b2], 0, 3);
-}
-
 /* Prefetches the entries that buckets b1 and b2 hold under `tag`. A racy peek is fine: a
  * stale slot word only prefetches the wrong line. */
 static void prefetch_tagged(const ems_index_t *index, uint32_t b1, uint32_t b2, uint16_t tag)
@@ -125,14 +116,6 @@ static void prefetch_tagged(const ems_index_t *index, uint32_t b1, uint32_t b2, 
             }
         }
     }
-}
-
-void ems_index_prefetch_entries(const ems_index_t *index, const uint8_t key[EMS_KEY_BYTES])
-{
-    uint32_t b1, b2;
-    uint16_t tag;
-    key_place(index, key, &b1, &b2, &tag);
-    prefetch_tagged(index, b1, b2, tag);
 }
 
 uint64_t ems_index_lookup_many(const ems_index_t *index, const uint8_t *keys, uint64_t n,
@@ -172,8 +155,7 @@ uint64_t ems_index_lookup_many(const ems_index_t *index, const uint8_t *keys, ui
 }
 
 /* Write lock: one CAS from an even version to the next odd one. Writers are serialized
- * by the caller, so the loop only waits out a bucket left odd by nobody: it exits on the
- * first try in practice. */
+ * by the caller, so the CAS succeeds on its first try in practice. */
 static uint64_t bucket_lock(ems_bucket_t *bucket)
 {
     for (;;) {

@@ -42,15 +42,10 @@ void ems_index_clear(ems_index_t *index);
 int ems_index_lookup(const ems_index_t *index, const uint8_t key[EMS_KEY_BYTES],
                      uint64_t *slot_word);
 
-/* Prefetch stages for batched lookups, with no effect on results: stage 1 brings a key's
- * two buckets toward the cache, stage 2 (once the buckets have arrived) the entries whose
- * tags match. A batch that runs stage 1 a few keys ahead of stage 2, and stage 2 a few keys
- * ahead of the lookup, overlaps the cache misses of several keys. */
-void ems_index_prefetch_buckets(const ems_index_t *index, const uint8_t key[EMS_KEY_BYTES]);
-void ems_index_prefetch_entries(const ems_index_t *index, const uint8_t key[EMS_KEY_BYTES]);
-
-/* Looks up keys[0..n) (contiguous 32-byte keys) with the prefetch pipeline; words[i] gets
- * the slot word or 0 when absent. Returns how many were found. */
+/* Looks up keys[0..n) (contiguous 32-byte keys); words[i] gets the slot word or 0 when
+ * absent. Returns how many were found. The batch runs as a pipeline: buckets are
+ * prefetched EMS_PREFETCH_DISTANCE keys ahead of the entries whose tags match, and those
+ * the same distance ahead of the lookup, so the cache misses of several keys overlap. */
 uint64_t ems_index_lookup_many(const ems_index_t *index, const uint8_t *keys, uint64_t n,
                                uint64_t *words);
 

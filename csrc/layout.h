@@ -28,8 +28,8 @@
 #define EMS_BUCKET_SLOTS 7
 
 /* Slot word: bits 0-31 entry id + 1 (0 means empty), bits 32-47 key tag, bits 48-63 the
- * low 16 bits of the entry generation when the slot was written. A reader that finds the
- * entry generation moved on since then knows the entry was recycled (ABA). */
+ * low 16 bits of the entry generation when the slot was written. When the entry generation
+ * has moved on since then, the entry was recycled (ABA) and the reader reports a miss. */
 #define EMS_SLOT_ENTRY(w) ((uint32_t)((w) & 0xffffffffu))
 #define EMS_SLOT_TAG(w) ((uint16_t)(((w) >> 32) & 0xffffu))
 #define EMS_SLOT_GEN(w) ((uint16_t)((w) >> 48))
@@ -60,8 +60,8 @@ typedef struct ems_bucket {
 #define EMS_ENTRY_PINS(f) ((f) >> EMS_PIN_SHIFT)
 
 /* Metadata of one block: 52 bytes. `gen` is incremented when the entry is reserved and
- * again when it is freed, so a reader that sees the same generation before and after a
- * copy knows the key, location and payload did not change under it. */
+ * again when it is freed. The same generation before and after a reader's copy proves
+ * that key, location and payload did not change under it. */
 typedef struct ems_entry {
     _Atomic uint32_t gen;
     _Atomic uint32_t flags; /* state | REF | PROTECT | pins << 16 */

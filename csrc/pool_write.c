@@ -1,10 +1,10 @@
 /* Pool writes: two-phase put, delete, priority hints and CLOCK eviction with slab moves.
  *
  * Every function here that changes metadata holds pool->lock, so writers are serialized
- * and see a consistent allocator. Readers run concurrently without the lock; the rules
- * that keep them safe are: an entry enters the index only after its payload is complete
- * (commit), leaves the index before it is freed, and has its generation incremented
- * before its slot can be handed to another block.
+ * and see a consistent allocator. Readers run concurrently without the lock. Three rules
+ * keep them safe: an entry enters the index only after its payload is complete (commit),
+ * it leaves the index before it is freed, and its generation is incremented before its
+ * slot can be handed to another block.
  */
 #include "pool.h"
 #include "pool_internal.h"
@@ -41,7 +41,7 @@ void ems_entry_unpin(ems_pool_t *pool, uint32_t id)
     if (EMS_ENTRY_PINS(old) != 1 || EMS_ENTRY_STATE(old) != EMS_ENTRY_DEAD)
         return;
 
-    /* Last pin of a deleted block: nobody can pin a DEAD entry, so it is ours to free. */
+    /* Last pin of a deleted block: a DEAD entry cannot be pinned again, so this thread frees it. */
     pthread_mutex_lock(&pool->lock);
     atomic_store_explicit(&e->flags, EMS_ENTRY_FREEING, memory_order_relaxed);
     ems_block_free(pool, id);
@@ -393,7 +393,7 @@ int ems_pool_delete(ems_pool_t *pool, const uint8_t key[EMS_KEY_BYTES])
     ems_entry_t *e = &pool->entries[id];
 
     /* COMMITTED -> DEAD in one CAS that also reads the pin count: with pins, the last
-     * unpin frees the block; without, nobody can pin it any more and it is freed now. */
+     * unpin frees the block. Without pins, it cannot be pinned any more and is freed now. */
     uint32_t f = atomic_load_explicit(&e->flags, memory_order_relaxed);
     do {
         if (EMS_ENTRY_STATE(f) != EMS_ENTRY_COMMITTED) {

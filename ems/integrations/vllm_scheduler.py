@@ -1,7 +1,7 @@
 """Scheduler half of the EMS vLLM connector (runs in vLLM's engine-core process).
 
 It finds how many prompt blocks beyond vLLM's own prefix-cache hit are stored in EMS,
-tells vLLM to allocate them, and emits per step the blocks the worker must load and the
+reports them so vLLM allocates blocks for them, and emits per step the blocks the worker must load and the
 newly computed full blocks it must save. It reads the pool through a read-only handle
 (ems.Pool.attach), so no block data crosses into this process, and each lookup is a
 batched index probe in C: the scheduler never waits on I/O.
@@ -64,7 +64,7 @@ class SchedulerSide:
     # -- pool access --
 
     def _reader(self) -> Pool | None:
-        """The attached pool, or None while the worker has not created it yet."""
+        """Return the attached pool, or None while the worker has not created it yet."""
         if self._pool is not None and not self._pool.closed:
             return self._pool
         now = time.monotonic()

@@ -55,7 +55,7 @@ class WorkerSide:
                     block_bytes)
 
     def _block_view(self, tensor):
-        """A [num_blocks, block_bytes] uint8 numpy view of one layer's KV tensor."""
+        """Return a [num_blocks, block_bytes] uint8 numpy view of one layer's KV tensor."""
         import torch
 
         num_blocks = tensor.shape[0]
