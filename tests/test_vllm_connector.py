@@ -1,12 +1,6 @@
-"""EMSConnector against real vLLM classes, both roles in this process.
-
-The scheduler connector attaches to the pool by name and the worker connector owns it,
-so both live here. Every test gets its own pool name. Steps are driven as vLLM's
-scheduler and model runner drive them: lookup, allocation, build_connector_meta (pickled,
-as it crosses processes in vLLM), start_load_kv, the forward pass (here: writing KV
-bytes), wait_for_save, get_block_ids_with_load_errors.
+"""EMSConnector against real vLLM classes, both roles in this process (connector_rig):
+lookups, saves, loads, load misses and settings, with the default "layer" loads.
 """
-import pickle
 import time
 from types import SimpleNamespace
 
@@ -17,12 +11,10 @@ pytest.importorskip("vllm")
 import torch  # noqa: E402
 
 import ems  # noqa: E402
-from ems.integrations.vllm_config import key_space  # noqa: E402
-from ems.keys import chain_keys, layer_keys  # noqa: E402
 import vllm_helpers as vh  # noqa: E402
-
-NUM_BLOCKS = 16
-FILL = -7.0  # the value of reset KV tensors, so a block that no load touches keeps it
+from connector_rig import (FILL, NUM_BLOCKS, block_bytes, close_rig, keys_of,  # noqa: E402
+                           load_step, lookup, make_rig, prefill, reset_kv, run_step,
+                           saved_turn, snapshot, tokens)
 
 
 @pytest.fixture(scope="session")
@@ -41,93 +33,9 @@ def vllm_env(monkeypatch):
 @pytest.fixture
 def rig(model_dir):
     """A worker connector with registered CPU KV tensors and a scheduler connector."""
-    pool_name = vh.unique_pool_name()
-    config = vh.engine_config(model_dir, pool_name)
-    kv = vh.cpu_kv_caches(config, NUM_BLOCKS)
-    worker = vh.worker_connector(config, NUM_BLOCKS)
-    worker.register_kv_caches(kv)
-    scheduler = vh.scheduler_connector(config, NUM_BLOCKS)
-    generator = torch.Generator().manual_seed(1234)
-    rig = SimpleNamespace(config=config, pool_name=pool_name, kv=kv, worker=worker,
-                          scheduler=scheduler, pool=worker.worker.pool,
-                          block_size=config.cache_config.block_size,
-                          layers=list(kv.values()), generator=generator)
+    rig = make_rig(model_dir)
     yield rig
-    scheduler.shutdown()
-    worker.shutdown()
-
-
-def tokens(count, seed):
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randint(10, 2000, (count,), generator=generator).tolist()
-
-
-def compute(rig, block_ids):
-    """Write fresh KV bytes into the given blocks, as the forward pass would."""
-    for layer in rig.layers:
-        for block_id in block_ids:
-            layer[block_id].copy_(torch.randn(layer[block_id].shape, generator=rig.generator))
-
-
-def reset_kv(rig):
-    for layer in rig.layers:
-        layer.fill_(FILL)
-
-
-def block_bytes(rig, layer, block_id):
-    return rig.layers[layer][block_id].view(torch.uint8).clone()
-
-
-def snapshot(rig, block_ids):
-    return {(layer, b): block_bytes(rig, layer, b)
-            for layer in range(len(rig.layers)) for b in block_ids}
-
-
-def keys_of(rig, prompt, tenant="default"):
-    """Return the per-layer EMS keys of each full block of `prompt`."""
-    namespace = key_space(rig.config, tenant, rank=0).namespace()
-    return [layer_keys(key, len(rig.layers))
-            for key in chain_keys(namespace, prompt, rig.block_size)]
-
-
-def run_step(rig, output, compute_blocks=()):
-    """Run one engine step: metadata to the worker, load, forward, save, load errors."""
-    metadata = rig.scheduler.build_connector_meta(output)
-    metadata = pickle.loads(pickle.dumps(metadata))
-    output.kv_connector_metadata = metadata
-    rig.worker.bind_connector_metadata(metadata)
-    rig.worker.start_load_kv(vh.forward_context())
-    compute(rig, compute_blocks)
-    rig.worker.wait_for_save()
-    errors = rig.worker.get_block_ids_with_load_errors()
-    rig.worker.clear_connector_metadata()
-    return errors
-
-
-def prefill(rig, req_id, prompt, block_ids, finish=True):
-    """Run a first turn: nothing is cached and one step computes the whole prompt."""
-    request = vh.make_request(req_id, prompt)
-    matched, is_async = rig.scheduler.get_num_new_matched_tokens(request, 0)
-    assert (matched, is_async) == (0, False)
-    rig.scheduler.update_state_after_alloc(request, vh.kv_blocks(block_ids), 0)
-    errors = run_step(rig, vh.new_request_step(request, block_ids, len(prompt)), block_ids)
-    assert errors == set()
-    if finish:
-        rig.scheduler.request_finished(request, block_ids)
-    return request
-
-
-def lookup(rig, req_id, prompt, num_computed=0):
-    request = vh.make_request(req_id, prompt)
-    return request, rig.scheduler.get_num_new_matched_tokens(request, num_computed)
-
-
-def load_step(rig, request, block_ids, num_computed, matched, compute_blocks=()):
-    """Allocate blocks after a lookup, then run the step that loads `matched` tokens."""
-    rig.scheduler.update_state_after_alloc(request, vh.kv_blocks(block_ids), matched)
-    request.num_computed_tokens = num_computed + matched
-    scheduled = len(request.prompt_token_ids) - request.num_computed_tokens
-    return run_step(rig, vh.new_request_step(request, block_ids, scheduled), compute_blocks)
+    close_rig(rig)
 
 
 # ---- worker: registration and saves ----------------------------------------------------
@@ -323,20 +231,6 @@ def test_lookup_attaches_later(model_dir):
 
 
 # ---- loads -----------------------------------------------------------------------------
-
-
-def saved_turn(rig, seed):
-    """Save a prompt of 3 blocks and 40 tokens from KV blocks [4, 9, 2, 11].
-
-    Returns the prompt, the saved bytes by (layer, block) and the second-turn prompt
-    (the first plus 200 new tokens)."""
-    bs = rig.block_size
-    prompt = tokens(3 * bs + 40, seed)
-    prefill(rig, "turn1", prompt, [4, 9, 2, 11])
-    saved = {(layer, block): block_bytes(rig, layer, block_id)
-             for layer in range(len(rig.layers))
-             for block, block_id in enumerate([4, 9, 2])}
-    return prompt, saved, prompt + tokens(200, seed + 1000)
 
 
 def test_load_bytes_equal(rig):

@@ -2,8 +2,9 @@
 
 Each configuration runs in its own subprocess (tests/vllm_e2e_run.py): one LLM, three
 sessions of three turns, greedy decoding in float32, vLLM's prefix cache reset between
-turns. The run with EMS must produce exactly the tokens of the run without it, and its
-later turns must load their history from EMS.
+turns. The runs with EMS, one with the default per-layer loads ("ems") and one with
+asynchronous loads ("ems-async"), must produce exactly the tokens of the run without it,
+and their later turns must load their history from EMS.
 
 The EMS run uses vLLM's default process split (engine core and worker in processes of
 their own), which the connector is built for. The reference run keeps the engine in one
@@ -38,13 +39,15 @@ def sessions():
             for _ in range(3)]
 
 
-def start(model_dir, pool_name, log_dir, **extra_env):
+EMS_RUNS = ("ems", "ems-async")
+
+
+def start(name, model_dir, pool_name, log_dir, **extra_env):
     env = {k: v for k, v in os.environ.items() if k not in vh.EMS_ENV}
     env.update(vh.VLLM_ENV, VLLM_CPU_OMP_THREADS_BIND="nobind", OMP_NUM_THREADS="1",
                **extra_env)
     args = json.dumps({"model": model_dir, "pool_name": pool_name, "sessions": sessions(),
                        "max_tokens": MAX_TOKENS})
-    name = "ems" if pool_name else "plain"
     # vLLM logs to stdout, so both streams go to one file that a failure message quotes.
     log = open(os.path.join(log_dir, f"{name}.log"), "w+")
     # A session of its own, so a timeout kills vLLM's engine and worker processes too.
@@ -71,20 +74,28 @@ def finish(process, log):
     lines = [line for line in output.splitlines() if line.startswith("E2E_RESULT ")]
     if process.returncode != 0 or not lines:
         pytest.fail(f"vLLM run failed (exit {process.returncode}):\n{output[-6000:]}")
-    return json.loads(lines[-1][len("E2E_RESULT "):])
+    result = json.loads(lines[-1][len("E2E_RESULT "):])
+    result["log"] = output
+    return result
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     model_dir = vh.tiny_model_dir(tmp_path_factory)
     log_dir = str(tmp_path_factory.mktemp("vllm-e2e-logs"))
-    plain = start(model_dir, None, log_dir, VLLM_ENABLE_V1_MULTIPROCESSING="0")
-    with_ems = start(model_dir, vh.unique_pool_name("e2e"), log_dir)
+    started = {"plain": start("plain", model_dir, None, log_dir,
+                              VLLM_ENABLE_V1_MULTIPROCESSING="0"),
+               "ems": start("ems", model_dir, vh.unique_pool_name("e2e"), log_dir)}
     try:
-        return {"plain": finish(*plain), "ems": finish(*with_ems)}
+        results = {name: finish(*run) for name, run in started.items()}
+        # The third run starts after the first two, so no more than two share the CPUs.
+        started["ems-async"] = start("ems-async", model_dir, vh.unique_pool_name("e2e-async"),
+                                     log_dir, EMS_LOAD_MODE="async")
+        results["ems-async"] = finish(*started["ems-async"])
+        return results
     finally:
-        stop(plain[0])
-        stop(with_ems[0])
+        for process, _ in started.values():
+            stop(process)
 
 
 def later_turns(run):
@@ -94,52 +105,73 @@ def later_turns(run):
             for t in range(1, len(turns)) for s in range(len(turns[t]))]
 
 
-def test_e2e_outputs_identical(runs):
+@pytest.mark.parametrize("name", EMS_RUNS)
+def test_e2e_outputs_identical(runs, name):
     plain = [[record["tokens"] for record in turn] for turn in runs["plain"]["turns"]]
-    with_ems = [[record["tokens"] for record in turn] for turn in runs["ems"]["turns"]]
+    with_ems = [[record["tokens"] for record in turn] for turn in runs[name]["turns"]]
     assert with_ems == plain
 
 
-def test_e2e_outputs_full_length(runs):
-    lengths = {len(record["tokens"]) for turn in runs["ems"]["turns"] for record in turn}
+@pytest.mark.parametrize("name", EMS_RUNS)
+def test_e2e_outputs_full_length(runs, name):
+    lengths = {len(record["tokens"]) for turn in runs[name]["turns"] for record in turn}
     assert lengths == {MAX_TOKENS}
 
 
 def test_e2e_plain_prefix_reset(runs):
     """Without EMS nothing is cached in later turns: the prefix-cache reset works, so the
-    cached tokens of the EMS run came from EMS."""
+    cached tokens of the EMS runs came from EMS."""
     cached = [record["cached"] for _, record in later_turns(runs["plain"])]
     assert cached == [0] * len(cached)
 
 
-def test_e2e_first_turn_cold(runs):
-    cached = [record["cached"] for record in runs["ems"]["turns"][0]]
+@pytest.mark.parametrize("name", EMS_RUNS)
+def test_e2e_first_turn_cold(runs, name):
+    cached = [record["cached"] for record in runs[name]["turns"][0]]
     assert cached == [0] * len(cached)
 
 
-def test_e2e_later_turns_cached(runs):
-    cached = [record["cached"] for _, record in later_turns(runs["ems"])]
+@pytest.mark.parametrize("name", EMS_RUNS)
+def test_e2e_later_turns_cached(runs, name):
+    cached = [record["cached"] for _, record in later_turns(runs[name])]
     assert all(count > 0 for count in cached), cached
 
 
-def test_e2e_cached_block_aligned(runs):
-    block_size = runs["ems"]["block_size"]
-    cached = [record["cached"] for _, record in later_turns(runs["ems"])]
+@pytest.mark.parametrize("name", EMS_RUNS)
+def test_e2e_cached_block_aligned(runs, name):
+    block_size = runs[name]["block_size"]
+    cached = [record["cached"] for _, record in later_turns(runs[name])]
     assert all(count % block_size == 0 for count in cached), cached
 
 
-def test_e2e_computes_new_tokens_only(runs):
+@pytest.mark.parametrize("name", EMS_RUNS)
+def test_e2e_computes_new_tokens_only(runs, name):
     """Computed tokens (prompt - cached) are the turn's new tokens, up to block rounding."""
-    block_size = runs["ems"]["block_size"]
-    for previous, record in later_turns(runs["ems"]):
+    block_size = runs[name]["block_size"]
+    for previous, record in later_turns(runs[name]):
         new_tokens = record["prompt_len"] - previous["prompt_len"]
         computed = record["prompt_len"] - record["cached"]
         assert new_tokens <= computed < new_tokens + block_size, (previous, record)
 
 
-def test_e2e_pool_puts(runs):
-    assert runs["ems"]["stats"]["puts"] > 0
+@pytest.mark.parametrize("name", EMS_RUNS)
+def test_e2e_pool_puts(runs, name):
+    assert runs[name]["stats"]["puts"] > 0
 
 
-def test_e2e_pool_hits(runs):
-    assert runs["ems"]["stats"]["hits"] > 0
+@pytest.mark.parametrize("name", EMS_RUNS)
+def test_e2e_pool_hits(runs, name):
+    assert runs[name]["stats"]["hits"] > 0
+
+
+def test_e2e_layer_hooks_used(runs):
+    """vLLM's attention called the per-layer hooks, so the default run kept loading layer
+    by layer (the connector logs an error and falls back to synchronous loads if not)."""
+    log = runs["ems"]["log"]
+    assert "layer loads" in log
+    assert "did not call wait_for_layer_load" not in log
+
+
+@pytest.mark.parametrize("name", EMS_RUNS)
+def test_e2e_no_load_misses(runs, name):
+    assert "EMS load missed" not in runs[name]["log"]

@@ -33,7 +33,8 @@ VLLM_ENV = {
     "TRANSFORMERS_OFFLINE": "1",
 }
 # Environment variables that override EMS connector settings, so tests remove them.
-EMS_ENV = ("EMS_POOL_CAPACITY_BYTES", "EMS_POOL_NAME", "EMS_POOL_PAGES", "EMS_TENANT")
+EMS_ENV = ("EMS_POOL_CAPACITY_BYTES", "EMS_POOL_NAME", "EMS_POOL_PAGES", "EMS_TENANT",
+           "EMS_LOAD_MODE", "EMS_ASYNC_SAVES")
 
 _MODEL_DIR = None
 
@@ -156,3 +157,12 @@ def cached_request_step(request, new_block_ids, num_computed, num_scheduled):
 
 def forward_context():
     return ForwardContext(no_compile_layers={}, attn_metadata={}, slot_mapping={})
+
+
+def empty_step():
+    """Build the SchedulerOutput of a step that schedules no tokens (vLLM runs such a step
+    while requests wait for asynchronous loads)."""
+    return SchedulerOutput(
+        scheduled_new_reqs=[], scheduled_cached_reqs=CachedRequestData.make_empty(),
+        num_scheduled_tokens={}, total_num_scheduled_tokens=0, scheduled_spec_decode_tokens={},
+        scheduled_encoder_inputs={}, finished_req_ids=set(), free_encoder_mm_hashes=[])

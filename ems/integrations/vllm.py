@@ -8,10 +8,11 @@ Load it with:
                            "kv_connector_extra_config": {"pool_capacity_bytes": 4294967296}}'
 
 The worker process owns an embedded EMS pool; the scheduler process attaches to it
-read-only to find cached prefixes. Loads are synchronous: vLLM copies the cached blocks in
-before the step's forward pass, which on a CPU costs far less than recomputing them. A
-block that was evicted between lookup and load is reported through vLLM's load-error path,
-so vLLM recomputes it (this needs kv_load_failure_policy "recompute"; with vLLM's default
+read-only to find cached prefixes. By default ("layer" loads) a cached prefix is copied in
+layer by layer while the forward pass computes the layers before it, and newly completed
+blocks are saved layer by layer in the background (ems.integrations.vllm_worker). A block
+that was evicted between lookup and load is reported through vLLM's load-error path, so
+vLLM recomputes it (this needs kv_load_failure_policy "recompute"; with vLLM's default
 "fail" the request ends with an error). Settings: docs/vllm.md.
 """
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (KVConnectorBase_V1,
                                                                KVConnectorMetadata,
                                                                KVConnectorRole)
+from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
 
 from ems.integrations.vllm_config import key_space, load_config
 from ems.integrations.vllm_scheduler import SchedulerSide, StepPlan
@@ -51,6 +53,28 @@ def _share_vllm_log_handlers() -> None:
 
 
 _share_vllm_log_handlers()
+
+
+class EMSConnectorStats(KVConnectorStats):
+    """Worker counters since the last report, summed over reports and workers.
+
+    blocks_loaded, blocks_saved, load_misses, saves_skipped, save_errors: counts of vLLM
+    blocks (each is one EMS block per layer). load_wait_s: seconds the forward pass waited
+    in wait_for_layer_load for a layer still being copied."""
+
+    def reset(self):
+        self.data = {}
+
+    def aggregate(self, other: KVConnectorStats) -> "EMSConnectorStats":
+        for name, value in other.data.items():
+            self.data[name] = self.data.get(name, 0) + value
+        return self
+
+    def reduce(self) -> dict[str, int | float]:
+        return dict(self.data)
+
+    def is_empty(self) -> bool:
+        return not any(self.data.values())
 
 
 class EMSConnectorMetadata(KVConnectorMetadata):
@@ -84,13 +108,15 @@ class EMSConnector(KVConnectorBase_V1):
             # NOTE: with tensor parallelism the scheduler probes rank 0's keys only.
             space = key_space(vllm_config, self.config.tenant, rank=0)
             self.scheduler = SchedulerSide(self.config.pool_name, space.namespace(),
-                                           self.block_size, space.layout.num_layers)
+                                           self.block_size, space.layout.num_layers,
+                                           async_loads=self.config.load_mode == "async")
             self.worker = None
         else:
             space = key_space(vllm_config, self.config.tenant, rank=_tensor_parallel_rank())
             self.scheduler = None
             self.worker = WorkerSide(self.config.pool_name, self.config.pool_capacity_bytes,
-                                     self.config.pool_pages)
+                                     self.config.pool_pages, self.config.load_mode,
+                                     self.config.async_saves)
         logger.info("EMS connector (%s) for %s, pool %s", role.name, space.model,
                     self.config.pool_name)
 
@@ -109,7 +135,7 @@ class EMSConnector(KVConnectorBase_V1):
             logger.exception("EMS lookup failed for request %s", request.request_id)
             tokens = 0
         self._computed[request.request_id] = num_computed_tokens
-        return tokens, False
+        return tokens, tokens > 0 and self.scheduler.async_loads
 
     def update_state_after_alloc(self, request: "Request", blocks: "KVCacheBlocks",
                                  num_external_tokens: int) -> None:
@@ -129,42 +155,65 @@ class EMSConnector(KVConnectorBase_V1):
         return False, None
 
     # ---- worker side ------------------------------------------------------------
+    # Per step vLLM calls: handle_preemptions, bind_connector_metadata, start_load_kv
+    # (before the forward pass when the step has synchronous loads, else after it), per
+    # attention layer wait_for_layer_load and save_kv_layer, wait_for_save, get_finished,
+    # get_block_ids_with_load_errors, get_kv_connector_stats, clear_connector_metadata.
 
     def register_kv_caches(self, kv_caches: dict) -> None:
         self.worker.register(kv_caches)
 
+    def handle_preemptions(self, kv_connector_metadata: KVConnectorMetadata) -> None:
+        # The first hook of a step, before vLLM zeroes or reuses any freed block: the
+        # copies of earlier steps must be done by then.
+        self.worker.begin_step(kv_connector_metadata.plan)
+
+    def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
+        super().bind_connector_metadata(connector_metadata)
+        if self.worker is not None:
+            self.worker.begin_step(connector_metadata.plan)
+
     def start_load_kv(self, forward_context: "ForwardContext", **kwargs: Any) -> None:
-        if not self.has_connector_metadata():
-            return
-        plan = self._get_connector_metadata().plan
-        try:
-            self.worker.load(plan.loads)
-        except Exception:  # report every planned block so vLLM recomputes them
-            logger.exception("EMS load failed; vLLM recomputes the blocks")
-            self.worker.fail_loads(plan.loads)
+        if self.has_connector_metadata():
+            self.worker.start_loads()
 
     def wait_for_layer_load(self, layer_name: str) -> None:
-        return
+        self.worker.wait_layer(layer_name)
 
     def save_kv_layer(self, layer_name: str, kv_layer, attn_metadata, **kwargs: Any) -> None:
-        return
+        self.worker.save_layer(layer_name)
 
     def wait_for_save(self) -> None:
-        if not self.has_connector_metadata():
-            return
-        self.worker.save(self._get_connector_metadata().plan.saves)
+        # Saves run on after this returns; see the invariant in vllm_worker.
+        if self.has_connector_metadata():
+            self.worker.end_forward()
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
-        return None, None
+        # Only async loads finish here. Saves never hold a request's blocks (they are
+        # drained before the next step), so request_finished frees them at once.
+        if self.worker is None:
+            return None, None
+        return None, self.worker.take_finished_loads() or None
+
+    def get_kv_connector_stats(self) -> KVConnectorStats | None:
+        if self.worker is None:
+            return None
+        stats = EMSConnectorStats(data=self.worker.take_counters())
+        return None if stats.is_empty() else stats
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None
+                                 ) -> KVConnectorStats | None:
+        return EMSConnectorStats(data=dict(data or {}))
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self.worker.take_load_errors() if self.worker is not None else set()
 
     def shutdown(self) -> None:
         if self.worker is not None:
-            logger.info("EMS worker: %d blocks loaded, %d saved, %d load misses",
-                        self.worker.blocks_loaded, self.worker.blocks_saved,
-                        self.worker.load_misses)
             self.worker.close()
+            totals = self.worker.totals
+            logger.info("EMS worker: %d blocks loaded, %d saved, %d load misses",
+                        totals["blocks_loaded"], totals["blocks_saved"], totals["load_misses"])
         if self.scheduler is not None:
             self.scheduler.close()

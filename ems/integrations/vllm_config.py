@@ -14,12 +14,28 @@ from ems.keys import KeySpace, KVLayout
 
 logger = logging.getLogger(__name__)
 
+LOAD_MODES = ("layer", "async", "sync")
+
+
+def _boolean(raw) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    text = str(raw).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(raw)
+
+
 # setting name -> (environment variable, type, default)
 _SETTINGS = {
     "pool_capacity_bytes": ("EMS_POOL_CAPACITY_BYTES", int, 1 << 30),
     "pool_name": ("EMS_POOL_NAME", str, None),
     "pool_pages": ("EMS_POOL_PAGES", str, "auto"),
     "tenant": ("EMS_TENANT", str, "default"),
+    "load_mode": ("EMS_LOAD_MODE", str, "layer"),
+    "async_saves": ("EMS_ASYNC_SAVES", _boolean, True),
 }
 
 
@@ -29,6 +45,8 @@ class ConnectorConfig:
     pool_name: str
     pool_pages: str
     tenant: str
+    load_mode: str
+    async_saves: bool
 
 
 def load_config(extra_config: dict, engine_id: str | None) -> ConnectorConfig:
@@ -44,10 +62,13 @@ def load_config(extra_config: dict, engine_id: str | None) -> ConnectorConfig:
             values[name] = None if raw is None else kind(raw)
         except (TypeError, ValueError):
             raise ValueError(f"EMS connector setting {name} (or {env_name}) must be "
-                             f"{kind.__name__}, got {raw!r}") from None
+                             f"{kind.__name__.lstrip('_')}, got {raw!r}") from None
     if values["pool_capacity_bytes"] <= 0:
         raise ValueError(f"pool_capacity_bytes must be positive, got "
                          f"{values['pool_capacity_bytes']}")
+    if values["load_mode"] not in LOAD_MODES:
+        raise ValueError(f"load_mode (or EMS_LOAD_MODE) must be one of {LOAD_MODES}, got "
+                         f"{values['load_mode']!r}")
     if values["pool_name"] is None:
         # Both vLLM processes get the same engine_id, so they agree on the pool name.
         values["pool_name"] = f"ems-vllm-{engine_id or os.getppid()}"

@@ -35,6 +35,9 @@ class StepPlan:
 
     loads: dict[str, list[BlockTransfer]] = field(default_factory=dict)
     saves: list[BlockTransfer] = field(default_factory=list)
+    # True: the loads run between steps and finish through get_finished (vLLM keeps
+    # their requests waiting). False: they finish within this step's forward pass.
+    async_loads: bool = False
 
 
 @dataclass
@@ -49,8 +52,10 @@ class _Request:
 
 
 class SchedulerSide:
-    def __init__(self, pool_name: str, namespace: bytes, block_size: int, num_layers: int):
+    def __init__(self, pool_name: str, namespace: bytes, block_size: int, num_layers: int,
+                 async_loads: bool = False):
         self.pool_name = pool_name
+        self.async_loads = async_loads
         self.namespace = namespace
         self.block_size = block_size
         self.num_layers = num_layers
@@ -140,7 +145,7 @@ class SchedulerSide:
 
     def plan_step(self, scheduler_output) -> StepPlan:
         """Emit this step's loads and the saves of blocks this step completes."""
-        plan = StepPlan(loads=self._pending_loads)
+        plan = StepPlan(loads=self._pending_loads, async_loads=self.async_loads)
         self._pending_loads = {}
         scheduled = scheduler_output.num_scheduled_tokens
 

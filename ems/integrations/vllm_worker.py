@@ -1,10 +1,24 @@
 """Worker half of the EMS vLLM connector (runs in vLLM's model-worker process).
 
-It owns the embedded pool, registers vLLM's KV tensors, copies blocks from EMS into them
-before the forward pass and copies newly computed full blocks into EMS after it. A block
-is stored layer by layer (one EMS block per layer and vLLM block), because each layer's
-slice of a vLLM block is contiguous while the layers of one block are not, so every copy
-goes straight between the pool and vLLM's KV cache with no staging on the CPU.
+It owns the embedded pool, registers vLLM's KV tensors, copies cached blocks from EMS into
+them and copies newly computed full blocks into EMS. A block is stored layer by layer (one
+EMS block per layer and vLLM block), because each layer's slice of a vLLM block is
+contiguous while the layers of one block are not, so every copy goes straight between the
+pool and vLLM's KV cache with no staging on the CPU.
+
+Copies run on one background thread (CopyThread), in C with the GIL released:
+  loads, "layer" mode: layer i is copied while the forward pass computes layers before i;
+      vLLM's attention layer calls wait_for_layer_load(i) before reading it.
+  loads, "async" mode: the copy runs between engine steps; vLLM keeps the request waiting
+      until get_finished reports it.
+  loads, "sync" mode: every layer is copied before the forward pass starts.
+  saves: layer i is queued as soon as vLLM's attention has written it (save_kv_layer), and
+      the step returns without waiting for it.
+Invariant that makes this safe: every copy in flight is drained at the start of the next
+step (begin_step, called from vLLM's handle_preemptions before it zeroes or reuses any
+block), so a block that vLLM frees after this step is never overwritten while a copy reads
+or writes it. Within a step, loads write only the blocks planned for loading and saves
+read only full blocks, neither of which the forward pass writes.
 
 Blocks are copied whole: the byte order inside a block depends on vLLM's attention kernel,
 and EMS never interprets it.
@@ -12,29 +26,58 @@ and EMS never interprets it.
 from __future__ import annotations
 
 import logging
+import threading
+import time
+from functools import partial
 
 from ems._core import default_slab_size
+from ems.integrations.copy_thread import CopyThread
+from ems.integrations.vllm_config import LOAD_MODES
 from ems.pool import Pool
 
 logger = logging.getLogger(__name__)
 
 
+class _Step:
+    """What one engine step has planned and done; replaced at each bind."""
+
+    def __init__(self, plan=None):
+        self.plan = plan
+        self.transfers = []           # blocks this step loads before its forward pass
+        self.loads_started = False
+        self.layerwise = False        # loads queued layer by layer ("layer" mode)
+        self.missed: set[int] = set()   # block ids whose load missed (copy thread writes)
+        self.layers_loaded = 0        # leading layers whose loads finished
+        self.layers_waited: set[int] = set()
+        self.layers_saved: set[int] = set()
+        # Lowest layer at which a load of this step missed, else None. Layers from there
+        # on computed over KV that was not loaded: vLLM discards them, EMS saves none.
+        self.failed_layer: int | None = None
+
+
 class WorkerSide:
-    def __init__(self, pool_name: str, capacity_bytes: int, pages: str):
+    def __init__(self, pool_name: str, capacity_bytes: int, pages: str,
+                 load_mode: str = "layer", async_saves: bool = True):
+        if load_mode not in LOAD_MODES:
+            raise ValueError(f"load_mode must be one of {LOAD_MODES}, got {load_mode!r}")
         self.pool_name = pool_name
         self.capacity_bytes = capacity_bytes
         self.pages = pages
+        self.load_mode = load_mode
+        self.async_saves = async_saves
         self.pool: Pool | None = None
-        self._layers: list = []       # per layer: array of blocks, [num_blocks, block_bytes]
+        self._layers: list = []         # per layer: array of blocks, [num_blocks, block_bytes]
         self._device_layers: list = []  # per layer: the device tensor, when not on the CPU
         self._layer_index: dict[str, int] = {}
+        self._copies = CopyThread()
+        self._step = _Step()
+        self._layer_done = threading.Condition()
+        self._lock = threading.Lock()   # guards what the copy thread reports below
         self._load_errors: set[int] = set()
-        # True when a load of the current step missed. vLLM then discards what the step
-        # computed, so nothing of it may be saved.
-        self.step_load_failed = False
-        self.blocks_loaded = 0
-        self.blocks_saved = 0
-        self.load_misses = 0
+        self._finished_loads: set[str] = set()
+        self.counters = dict(blocks_loaded=0, blocks_saved=0, load_misses=0,
+                             saves_skipped=0, save_errors=0, load_wait_s=0.0)
+        self.totals = dict(self.counters)   # since start, updated by take_counters
 
     def register(self, kv_caches: dict) -> None:
         """Map vLLM's per-layer KV tensors and create the pool sized for their blocks."""
@@ -50,9 +93,9 @@ class WorkerSide:
         self.pool = Pool(capacity, slab_size=slab_size,
                          max_blocks=max(64, capacity // block_bytes), pages=self.pages,
                          name=self.pool_name)
-        logger.info("EMS pool %s: %d bytes, %s pages, %d layers of %d-byte blocks",
+        logger.info("EMS pool %s: %d bytes, %s pages, %d layers of %d-byte blocks, %s loads",
                     self.pool_name, capacity, self.pool.page_kind, len(self._layers),
-                    block_bytes)
+                    block_bytes, self.load_mode)
 
     def _block_view(self, tensor):
         """Return a [num_blocks, block_bytes] uint8 numpy view of one layer's KV tensor."""
@@ -69,64 +112,195 @@ class WorkerSide:
             raise ValueError(f"vLLM KV tensor with strides {tensor.stride()} is not contiguous")
         return tensor.view(torch.uint8).reshape(num_blocks, -1).numpy()
 
+    # -- step boundaries --
+
+    def begin_step(self, plan) -> None:
+        """Wait for every copy of earlier steps, then take this step's plan."""
+        self._copies.drain()
+        if self._step.plan is not plan:
+            self._step = _Step(plan)
+
+    def end_forward(self) -> None:
+        """Check the forward pass waited for every loaded layer; queue unsent saves."""
+        step = self._step
+        if step.plan is None:
+            return
+        if step.layerwise and len(step.layers_waited) < len(self._layers):
+            self._hooks_missing(step)
+        for layer in range(len(self._layers)):
+            self.save_layer(layer)
+        if not self.async_saves:
+            self._copies.drain()
+
+    def _hooks_missing(self, step: _Step) -> None:
+        """vLLM ran attention without calling wait_for_layer_load (a build or mode whose
+        attention skips the per-layer hooks), so it may have read KV before it was loaded.
+        Report every block of the step as failed, so vLLM recomputes them, and load
+        synchronously from now on."""
+        self._copies.drain()
+        self._fail(step, 0, step.transfers)
+        if self.load_mode == "layer":
+            logger.error("vLLM did not call wait_for_layer_load for every layer; EMS "
+                         "loads synchronously from now on")
+            self.load_mode = "sync"
+
     # -- loads --
 
-    def load(self, loads: dict) -> None:
-        """Copy every planned block into vLLM's KV cache; misses become load errors."""
-        self.step_load_failed = False
-        if not loads or self.pool is None:
+    def start_loads(self) -> None:
+        """Start this step's planned loads (at most once per step)."""
+        step = self._step
+        if step.plan is None or step.loads_started or self.pool is None:
             return
+        step.loads_started = True
+        transfers = [transfer for blocks in step.plan.loads.values() for transfer in blocks]
+        if not transfers:
+            return
+        if step.plan.async_loads:
+            self._copies.submit(partial(self._load_requests, dict(step.plan.loads)))
+            return
+
+        step.transfers = transfers
+        if self.load_mode == "layer":
+            step.layerwise = True
+            for layer in range(len(self._layers)):
+                self._copies.submit(partial(self._load_layer_job, step, layer))
+            return
+        for layer in range(len(self._layers)):
+            self._load_layer(step, layer)
+        step.layers_loaded = len(self._layers)
+
+    def wait_layer(self, layer_name: str) -> None:
+        """Block until this step's loads into `layer_name` are done."""
+        step = self._step
+        if step.plan is None:
+            return
+        layer = self._layer_index[layer_name]
+        step.layers_waited.add(layer)
+        if not step.loads_started:   # vLLM started the forward pass before start_load_kv
+            self.start_loads()
+        if not step.layerwise or step.layers_loaded > layer:
+            return
+        t0 = time.perf_counter()
+        with self._layer_done:
+            self._layer_done.wait_for(lambda: step.layers_loaded > layer)
+        self._count("load_wait_s", time.perf_counter() - t0)
+
+    def _load_layer_job(self, step: _Step, layer: int) -> None:
+        try:
+            self._load_layer(step, layer)
+        except Exception:
+            logger.exception("EMS load of layer %d failed; vLLM recomputes its blocks", layer)
+            self._fail(step, layer, step.transfers)
+        with self._layer_done:
+            step.layers_loaded = layer + 1
+            self._layer_done.notify_all()
+
+    def _load_layer(self, step: _Step, layer: int) -> None:
+        transfers = step.transfers
+        hits = self._get_layer(layer, transfers)
+        missed = [t for t, hit in zip(transfers, hits) if not hit]
+        if missed:
+            self._fail(step, layer, missed)
+        if layer == len(self._layers) - 1:
+            self._count("blocks_loaded", len({t.block_id for t in transfers} - step.missed))
+
+    def _load_requests(self, loads: dict) -> None:
+        """Load whole requests (async mode), then report them finished, failed or not."""
         transfers = [transfer for blocks in loads.values() for transfer in blocks]
-        for layer, blocks in enumerate(self._layers):
-            keys = [transfer.keys[layer] for transfer in transfers]
-            destinations = [blocks[transfer.block_id] for transfer in transfers]
-            hits = self.pool.get_many_into(keys, destinations)
-            for transfer, hit in zip(transfers, hits):
-                if not hit:
-                    self._load_errors.add(transfer.block_id)
-            if self._device_layers:
-                self._upload(layer, [t.block_id for t in transfers])
+        step = _Step()
+        try:
+            for layer in range(len(self._layers)):
+                hits = self._get_layer(layer, transfers)
+                missed = [t for t, hit in zip(transfers, hits) if not hit]
+                if missed:
+                    self._fail(step, layer, missed)
+        except Exception:
+            logger.exception("EMS load failed; vLLM recomputes the blocks")
+            self._fail(step, 0, transfers)
+        self._count("blocks_loaded", len({t.block_id for t in transfers} - step.missed))
+        with self._lock:
+            self._finished_loads.update(loads)
 
-        failed = sum(1 for t in transfers if t.block_id in self._load_errors)
-        self.blocks_loaded += len(transfers) - failed
-        if failed:
-            self.step_load_failed = True
-            self.load_misses += failed
-            logger.warning("EMS load missed %d of %d blocks (evicted since lookup); vLLM "
-                           "recomputes them", failed, len(transfers))
+    def _get_layer(self, layer: int, transfers: list) -> list[bool]:
+        blocks = self._layers[layer]
+        hits = self.pool.get_many_into([t.keys[layer] for t in transfers],
+                                       [blocks[t.block_id] for t in transfers])
+        if self._device_layers:
+            self._upload(layer, [t.block_id for t in transfers])
+        return hits
 
-    def fail_loads(self, loads: dict) -> None:
-        """Report every planned block of a step as not loaded."""
-        for blocks in loads.values():
-            self._load_errors.update(transfer.block_id for transfer in blocks)
-        self.step_load_failed = True
+    def _fail(self, step: _Step, layer: int, transfers: list) -> None:
+        fresh = {t.block_id for t in transfers} - step.missed
+        step.missed.update(fresh)
+        with self._lock:
+            self._load_errors.update(fresh)
+            self.counters["load_misses"] += len(fresh)
+        if step.failed_layer is None or layer < step.failed_layer:
+            step.failed_layer = layer
+        logger.warning("EMS load missed %d blocks on layer %d (evicted since lookup); vLLM "
+                       "recomputes them", len(transfers), layer)
+
+    def _count(self, name: str, value) -> None:
+        with self._lock:
+            self.counters[name] += value
 
     def take_load_errors(self) -> set[int]:
-        errors, self._load_errors = self._load_errors, set()
+        with self._lock:
+            errors, self._load_errors = self._load_errors, set()
         return errors
+
+    def take_finished_loads(self) -> set[str]:
+        with self._lock:
+            finished, self._finished_loads = self._finished_loads, set()
+        return finished
 
     # -- saves --
 
-    def save(self, saves: list) -> None:
-        """Store the planned blocks, one EMS block per layer. Stored keys are skipped.
+    def save_layer(self, layer: int | str) -> None:
+        """Queue the save of one layer of this step's planned blocks (once per layer).
 
-        A step whose load missed saves nothing: the blocks it computed attended to KV that
-        was never loaded (vLLM recomputes them, and a later step saves them). Requests of
-        one step can share blocks, so the whole step is skipped."""
-        if not saves or self.pool is None or self.step_load_failed:
+        Stored keys are skipped. Layers at or above a layer whose load missed are not
+        saved: they were computed over KV that was never loaded (vLLM recomputes them, and
+        a later step saves them). Requests of one step can share blocks, so the whole
+        step is skipped from that layer on."""
+        step = self._step
+        if isinstance(layer, str):
+            layer = self._layer_index[layer]
+        if step.plan is None or layer in step.layers_saved or self.pool is None:
             return
-        for layer, blocks in enumerate(self._layers):
-            if self._device_layers:
-                self._download(layer, [t.block_id for t in saves])
-            keys = [transfer.keys[layer] for transfer in saves]
-            sources = [blocks[transfer.block_id] for transfer in saves]
-            try:
-                self.pool.put_many(keys, sources)
-            except Exception as exc:  # a cache never fails the forward pass
-                logger.warning("EMS save of %d blocks failed on layer %d: %s", len(saves),
-                               layer, exc)
-                return
-        self.blocks_saved += len(saves)
+        step.layers_saved.add(layer)
+        saves = step.plan.saves
+        if not saves:
+            return
+        if step.failed_layer is not None and layer >= step.failed_layer:
+            if layer == len(self._layers) - 1:   # count blocks, not block layers
+                self._count("saves_skipped", len(saves))
+            return
+        if self._device_layers:    # the device tensor may change after this step
+            self._download(layer, [t.block_id for t in saves])
+        self._copies.submit(partial(self._save_layer_job, layer, saves))
+
+    def _save_layer_job(self, layer: int, saves: list) -> None:
+        blocks = self._layers[layer]
+        try:
+            self.pool.put_many([t.keys[layer] for t in saves],
+                               [blocks[t.block_id] for t in saves])
+        except Exception as exc:  # a cache never fails the forward pass
+            logger.warning("EMS save of %d blocks failed on layer %d: %s", len(saves),
+                           layer, exc)
+            self._count("save_errors", len(saves))
+            return
+        if layer == len(self._layers) - 1:
+            self._count("blocks_saved", len(saves))
+
+    def take_counters(self) -> dict:
+        """Return the counters since the last call and reset them."""
+        with self._lock:
+            counters = dict(self.counters)
+            for name, value in counters.items():
+                self.totals[name] += value
+                self.counters[name] = type(value)()
+        return counters
 
     # -- accelerator staging --
 
@@ -147,7 +321,9 @@ class WorkerSide:
             staging[block_id].copy_(device_tensor[block_id].view(torch.uint8).view(-1))
 
     def close(self) -> None:
+        """Finish queued copies, then close the pool."""
+        self._copies.close()
+        self.take_counters()
         if self.pool is not None:
             self.pool.close()
             self.pool = None
-

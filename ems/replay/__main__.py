@@ -27,7 +27,7 @@ import tempfile
 import time
 
 from ems.replay import report as rep
-from ems.replay.dataset import load_sessions
+from ems.replay.dataset import MIN_REQUESTS, load_sessions
 from ems.replay.runner import run_pass_in_child
 
 PASSES = ("vllm", "ems", "native")
@@ -35,30 +35,44 @@ CONNECTOR_MODULE = "ems.integrations.vllm"
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
+def _at_least(minimum, kind=int):
+    """Return an argparse type: `kind` with a lower bound, named in the error."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {kind.__name__}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{text} is below the minimum {minimum}")
+        return value
+    return parse
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m ems.replay", description=__doc__.split("\n")[0])
     p.add_argument("--model", required=True, help="model directory (ems.tools.build_model)")
-    p.add_argument("--sessions", type=int, default=8, help="conversations to replay")
-    p.add_argument("--max-turns", type=int, default=24, help="requests per session at most")
-    p.add_argument("--in-flight", type=int, default=4, help="sessions served concurrently")
-    p.add_argument("--think-scale", type=float, default=0.001,
+    p.add_argument("--sessions", type=_at_least(1), default=8, help="conversations to replay")
+    p.add_argument("--max-turns", type=_at_least(MIN_REQUESTS), default=24,
+                   help="requests per session at most")
+    p.add_argument("--in-flight", type=_at_least(1), default=4, help="sessions served concurrently")
+    p.add_argument("--think-scale", type=_at_least(0.0, float), default=0.001,
                    help="multiplies the real gaps between messages (seconds)")
-    p.add_argument("--max-tokens", type=int, default=16, help="greedy tokens per reply")
+    p.add_argument("--max-tokens", type=_at_least(1), default=16, help="greedy tokens per reply")
     p.add_argument("--history", choices=("generated", "dataset"), default="generated",
                    help="assistant messages in later prompts: the engine's reply tokens, or "
                    "the dataset's reply text (then every pass sends the same prompts)")
     p.add_argument("--out", default="bench/results/replay", help="output path without suffix")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPE_BYTES),
                    help="float32 makes passes comparable token for token")
-    p.add_argument("--max-model-len", type=int, default=2048,
+    p.add_argument("--max-model-len", type=_at_least(256), default=2048,
                    help="maximum prompt plus reply length in tokens; sessions stop before it")
-    p.add_argument("--kv-tokens", type=int, default=2048,
+    p.add_argument("--kv-tokens", type=_at_least(256), default=2048,
                    help="KV space of the vllm and ems passes, in tokens (>= --max-model-len)")
-    p.add_argument("--pool-bytes", type=int, default=None,
+    p.add_argument("--pool-bytes", type=_at_least(1 << 20), default=None,
                    help="EMS pool capacity; default: twice the KV of every session's history")
     p.add_argument("--passes", default=",".join(PASSES), help="comma-separated subset of "
                    + ",".join(PASSES))
-    p.add_argument("--probes", type=int, default=16,
+    p.add_argument("--probes", type=_at_least(0), default=16,
                    help="requests with a long history timed alone after each replay")
     p.add_argument("--verbose", action="store_true", help="keep vLLM's INFO logs")
     return p.parse_args(argv)
@@ -79,20 +93,26 @@ def main(argv=None):
     unknown = set(passes) - set(PASSES)
     if unknown:
         raise SystemExit(f"unknown pass {sorted(unknown)}; choose from {PASSES}")
+    if not passes:
+        raise SystemExit(f"--passes {args.passes!r} names no pass; choose from {PASSES}")
+    if args.kv_tokens < args.max_model_len:
+        raise SystemExit(f"--kv-tokens {args.kv_tokens} must be >= --max-model-len "
+                         f"{args.max_model_len} (vLLM refuses to start otherwise)")
     if "ems" in passes and importlib.util.find_spec(CONNECTOR_MODULE) is None:
         raise SystemExit(f"the ems pass needs {CONNECTOR_MODULE}, which is not installed; "
                          f"run with --passes vllm,native")
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    # local_files_only: a mistyped path must not turn into a download from the Hub.
+    tokenizer = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
     sessions = load_sessions(tokenizer, args.sessions, args.history, args.max_turns,
                              args.max_model_len - args.max_tokens, args.max_tokens,
                              args.think_scale)
+    if not sessions:
+        raise SystemExit(f"no conversation has {MIN_REQUESTS} turns that fit --max-turns "
+                         f"{args.max_turns} and --max-model-len {args.max_model_len}")
     per_token = kv_bytes_per_token(args.model, args.dtype)
     all_tokens = sum(len(t.new_ids) + args.max_tokens for s in sessions for t in s.turns)
-    if args.kv_tokens < args.max_model_len:
-        raise SystemExit(f"--kv-tokens {args.kv_tokens} must be >= --max-model-len "
-                         f"{args.max_model_len} (vLLM refuses to start otherwise)")
     block = 128   # vLLM's CPU block size; slack for partial blocks per session
     big_tokens = max(args.max_model_len, all_tokens + block * (len(sessions) + 8))
     small_bytes = (args.kv_tokens + block) * per_token   # + vLLM's reserved null block

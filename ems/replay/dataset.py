@@ -122,10 +122,10 @@ def load_sessions(tokenizer, num_sessions, history, max_requests, max_prompt_tok
     data = chitchat_dataset.Dataset()
     sessions = []
     for uuid in _rank(data, max_requests, history):
+        if len(sessions) >= num_sessions:
+            break
         session = build_session(uuid, data[uuid], tokenizer, history, max_requests,
                                 max_prompt_tokens, max_tokens, think_scale)
         if len(session.turns) >= MIN_REQUESTS:
             sessions.append(session)
-        if len(sessions) == num_sessions:
-            break
     return sessions

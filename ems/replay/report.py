@@ -155,6 +155,11 @@ def _row(head, cells_ms, rates):
     return line
 
 
+def _tokens(value):
+    """Format a mean token count in 5 columns, or '-' when there were no requests."""
+    return f"{'-':>5}" if value is None else f"{value:>5.0f}"
+
+
 def table(report):
     """Format TTFT p50 (ms) and cache hit rate per turn index and overall as a text table."""
     labels = list(report["passes"])
@@ -164,13 +169,13 @@ def table(report):
 
     for t in first:
         rows = [report["per_turn"][l].get(t) for l in labels]
-        head = f"{t:>4} {first[t]['n']:>4} {first[t]['mean_history_tokens']:>5.0f} {'p50':>4}"
+        head = f"{t:>4} {first[t]['n']:>4} {_tokens(first[t]['mean_history_tokens'])} {'p50':>4}"
         lines.append(_row(head, [_ms(r and r["ttft_p50_s"]) for r in rows],
                           [_pct_str(r and r["hit_rate"]) for r in rows]))
 
     overall = [report["passes"][l]["overall"] for l in labels]
     lines.append("-" * len(lines[0]))
-    head = f"{'all':>4} {overall[0]['n']:>4} {overall[0]['mean_history_tokens']:>5.0f}"
+    head = f"{'all':>4} {overall[0]['n']:>4} {_tokens(overall[0]['mean_history_tokens'])}"
     lines.append(_row(head + f" {'p50':>4}", [_ms(o["ttft_p50_s"]) for o in overall],
                       [_pct_str(o["hit_rate"]) for o in overall]))
     lines.append(_row(f"{'':15} {'p90':>4}", [_ms(o["ttft_p90_s"]) for o in overall], None))
