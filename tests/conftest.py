@@ -101,3 +101,23 @@ def make_pool():
 def pool(make_pool):
     """A 4 MiB owner pool with 256 KiB slabs on 4 KiB pages."""
     return make_pool(4 * MiB, slab_size=256 * KiB, pages="small")
+
+
+# ---- vLLM connector tests ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory):
+    """The tiny random-weight model directory (built once per session)."""
+    import vllm_helpers
+    return vllm_helpers.tiny_model_dir(tmp_path_factory)
+
+
+@pytest.fixture
+def vllm_env(monkeypatch):
+    """Set the environment vLLM needs here and remove the EMS_* setting overrides."""
+    import vllm_helpers
+    for name, value in vllm_helpers.VLLM_ENV.items():
+        monkeypatch.setenv(name, value)
+    for name in vllm_helpers.EMS_ENV:
+        monkeypatch.delenv(name, raising=False)

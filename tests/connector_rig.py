@@ -82,7 +82,7 @@ def run_step(rig, output, compute_blocks=(), hooks=True, settle=True, after_bind
     finished loads are kept in rig.finished_loads. hooks=False runs the forward pass
     without the per-layer hooks, as an attention build that skips them would.
     settle=True waits for the background saves, as the start of vLLM's next step does.
-    after_bind, if given, is called once the worker holds the step's metadata."""
+    after_bind, if given, is called once the step's metadata is bound to the worker."""
     metadata = rig.scheduler.build_connector_meta(output)
     metadata = pickle.loads(pickle.dumps(metadata))
     output.kv_connector_metadata = metadata
@@ -128,6 +128,16 @@ def prefill(rig, req_id, prompt, block_ids, finish=True):
 def lookup(rig, req_id, prompt, num_computed=0):
     request = vh.make_request(req_id, prompt)
     return request, rig.scheduler.get_num_new_matched_tokens(request, num_computed)
+
+
+def bind_load_step(rig, request, block_ids, matched):
+    """Allocate blocks after a lookup and bind the step that loads `matched` tokens to the
+    worker, without running it (tests then call the worker hooks one by one)."""
+    rig.scheduler.update_state_after_alloc(request, vh.kv_blocks(block_ids), matched)
+    request.num_computed_tokens = matched
+    output = vh.new_request_step(request, block_ids,
+                                 len(request.prompt_token_ids) - matched)
+    rig.worker.bind_connector_metadata(rig.scheduler.build_connector_meta(output))
 
 
 def load_step(rig, request, block_ids, num_computed, matched, compute_blocks=()):

@@ -189,6 +189,8 @@ def test_build_rejects_unstable_template(tmp_path, monkeypatch):
     monkeypatch.setitem(bm.PRESETS, "tiny", dict(bm.PRESETS["tiny"], text_convs=50))
     with pytest.raises(RuntimeError, match="not prefix-stable"):
         bm.build(str(tmp_path / "unstable"), preset="tiny", seed=0)
+    assert not (tmp_path / "unstable" / "config.json").exists()
+    assert os.listdir(tmp_path) == []      # no partial build left behind
 
 
 def test_greedy_output_depends_on_context(tiny_dir, tokenizer):

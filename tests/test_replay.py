@@ -584,8 +584,10 @@ def test_plain_json_ready():
 
 
 def test_set_engine_env(monkeypatch):
+    # setenv first, so monkeypatch restores each variable, including absent ones.
     for name in list(runner.ENGINE_ENV) + ["VLLM_LOGGING_LEVEL"]:
-        monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv(name, "unset")
+        monkeypatch.delenv(name)
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "4")
     runner.set_engine_env()
     assert "VLLM_CPU_KVCACHE_SPACE" not in os.environ

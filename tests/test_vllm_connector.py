@@ -17,17 +17,7 @@ from connector_rig import (FILL, NUM_BLOCKS, block_bytes, close_rig, keys_of,  #
                            saved_turn, snapshot, tokens)
 
 
-@pytest.fixture(scope="session")
-def model_dir(tmp_path_factory):
-    return vh.tiny_model_dir(tmp_path_factory)
-
-
-@pytest.fixture(autouse=True)
-def vllm_env(monkeypatch):
-    for name, value in vh.VLLM_ENV.items():
-        monkeypatch.setenv(name, value)
-    for name in vh.EMS_ENV:
-        monkeypatch.delenv(name, raising=False)
+pytestmark = pytest.mark.usefixtures("vllm_env")
 
 
 @pytest.fixture

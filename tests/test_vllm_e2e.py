@@ -44,8 +44,9 @@ EMS_RUNS = ("ems", "ems-async")
 
 def start(name, model_dir, pool_name, log_dir, **extra_env):
     env = {k: v for k, v in os.environ.items() if k not in vh.EMS_ENV}
+    # INFO: the tests read the connector's log lines.
     env.update(vh.VLLM_ENV, VLLM_CPU_OMP_THREADS_BIND="nobind", OMP_NUM_THREADS="1",
-               **extra_env)
+               VLLM_LOGGING_LEVEL="INFO", **extra_env)
     args = json.dumps({"model": model_dir, "pool_name": pool_name, "sessions": sessions(),
                        "max_tokens": MAX_TOKENS})
     # vLLM logs to stdout, so both streams go to one file that a failure message quotes.

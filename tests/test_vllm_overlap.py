@@ -10,25 +10,14 @@ pytest.importorskip("vllm")
 import torch  # noqa: E402
 
 import vllm_helpers as vh  # noqa: E402
-from connector_rig import (block_bytes, close_rig, drain, keys_of, load_step,  # noqa: E402
-                           lookup, make_rig, reset_kv, run_step, saved_turn, tokens)
+from connector_rig import (bind_load_step, block_bytes, close_rig, drain,  # noqa: E402
+                           keys_of, load_step, lookup, make_rig, reset_kv, run_step, saved_turn, tokens)
 from ems.integrations.vllm import EMSConnector  # noqa: E402
 from ems.integrations.vllm_config import load_config  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("vllm_env")
+
 LOAD_BLOCKS = [7, 0, 13, 3, 5]   # vLLM blocks of the second turn: 3 loaded, 2 computed
-
-
-@pytest.fixture(scope="session")
-def model_dir(tmp_path_factory):
-    return vh.tiny_model_dir(tmp_path_factory)
-
-
-@pytest.fixture(autouse=True)
-def vllm_env(monkeypatch):
-    for name, value in vh.VLLM_ENV.items():
-        monkeypatch.setenv(name, value)
-    for name in vh.EMS_ENV:
-        monkeypatch.delenv(name, raising=False)
 
 
 @pytest.fixture
@@ -63,7 +52,7 @@ class Hold:
 
 
 def test_layer_ready_when_waited(rig):
-    """Each layer holds the cached bytes when wait_for_layer_load returns for it, though
+    """Each layer contains the cached bytes when wait_for_layer_load returns for it, though
     later layers may still be copying."""
     _, saved, prompt2 = saved_turn(rig, 40)
     reset_kv(rig)
@@ -72,8 +61,7 @@ def test_layer_ready_when_waited(rig):
     rig.scheduler.update_state_after_alloc(request, vh.kv_blocks(LOAD_BLOCKS), matched)
     request.num_computed_tokens = matched
     output = vh.new_request_step(request, LOAD_BLOCKS, len(prompt2) - matched)
-    metadata = rig.scheduler.build_connector_meta(output)
-    rig.worker.bind_connector_metadata(metadata)
+    rig.worker.bind_connector_metadata(rig.scheduler.build_connector_meta(output))
     hold = Hold(rig)
     hold.start()
     rig.worker.start_load_kv(vh.forward_context())
@@ -95,10 +83,7 @@ def test_load_before_start_load_kv(rig):
     _, saved, prompt2 = saved_turn(rig, 41)
     reset_kv(rig)
     request, (matched, _) = lookup(rig, "turn2", prompt2)
-    rig.scheduler.update_state_after_alloc(request, vh.kv_blocks(LOAD_BLOCKS), matched)
-    request.num_computed_tokens = matched
-    output = vh.new_request_step(request, LOAD_BLOCKS, len(prompt2) - matched)
-    rig.worker.bind_connector_metadata(rig.scheduler.build_connector_meta(output))
+    bind_load_step(rig, request, LOAD_BLOCKS, matched)
     names = vh.layer_names(rig.config)
     rig.worker.wait_for_layer_load(names[2])
     assert torch.equal(block_bytes(rig, 2, 13), saved[(2, 2)])
@@ -217,7 +202,8 @@ def test_async_load_finishes(async_rig):
     rig.scheduler.update_state_after_alloc(request, vh.kv_blocks(LOAD_BLOCKS), matched)
     hold = Hold(rig)
     errors = run_step(rig, vh.empty_step(), settle=False, after_bind=hold.start)
-    assert errors == set() and rig.finished_loads == set()
+    assert errors == set()
+    assert rig.finished_loads == set()
     hold.release()
     drain(rig)
     finished = rig.worker.get_finished(set())[1]
@@ -253,8 +239,10 @@ def test_stats_count_transfers(rig):
     assert rig.pool.delete(keys_of(rig, prompt2)[0][0])
     load_step(rig, request, LOAD_BLOCKS, 0, matched, compute_blocks=[3, 5])
     data = rig.worker.get_kv_connector_stats().data
-    assert (data["blocks_loaded"], data["load_misses"]) == (2, 1)
-    assert data["saves_skipped"] == 1 and data["blocks_saved"] == 0   # block 3 of prompt2
+    assert data["blocks_loaded"] == 2
+    assert data["load_misses"] == 1
+    assert data["saves_skipped"] == 1      # block 3 of prompt2
+    assert data["blocks_saved"] == 0
 
 
 def test_stats_aggregate():
@@ -290,10 +278,7 @@ def test_sync_mode_loads(model_dir):
         _, saved, prompt2 = saved_turn(rig, 61)
         reset_kv(rig)
         request, (matched, _) = lookup(rig, "turn2", prompt2)
-        rig.scheduler.update_state_after_alloc(request, vh.kv_blocks(LOAD_BLOCKS), matched)
-        request.num_computed_tokens = matched
-        output = vh.new_request_step(request, LOAD_BLOCKS, len(prompt2) - matched)
-        rig.worker.bind_connector_metadata(rig.scheduler.build_connector_meta(output))
+        bind_load_step(rig, request, LOAD_BLOCKS, matched)
         hold = Hold(rig)
         hold.start()                         # sync loads do not use the copy thread
         rig.worker.start_load_kv(vh.forward_context())

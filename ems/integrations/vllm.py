@@ -58,8 +58,8 @@ _share_vllm_log_handlers()
 class EMSConnectorStats(KVConnectorStats):
     """Worker counters since the last report, summed over reports and workers.
 
-    blocks_loaded, blocks_saved, load_misses, saves_skipped, save_errors: counts of vLLM
-    blocks (each is one EMS block per layer). load_wait_s: seconds the forward pass waited
+    blocks_loaded, blocks_saved (stored, or found already stored), load_misses,
+    saves_skipped, save_errors: counts of vLLM blocks (each is one EMS block per layer). load_wait_s: seconds the forward pass waited
     in wait_for_layer_load for a layer still being copied."""
 
     def reset(self):

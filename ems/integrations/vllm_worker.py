@@ -39,7 +39,7 @@ logger = logging.getLogger(__name__)
 
 
 class _Step:
-    """What one engine step has planned and done; replaced at each bind."""
+    """The plan and progress of one engine step, replaced when the next step begins."""
 
     def __init__(self, plan=None):
         self.plan = plan

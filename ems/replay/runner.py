@@ -81,8 +81,11 @@ def _stat_logger_class():
                 if c is not None:
                     t["connector_queries"] += c.queries
                     t["connector_hits"] += c.hits
-                if scheduler_stats.kv_connector_stats:
-                    self.kv_connector_stats = scheduler_stats.kv_connector_stats
+                # Each report covers one interval: sum the numeric counters.
+                for name, value in (scheduler_stats.kv_connector_stats or {}).items():
+                    if isinstance(value, (int, float)):
+                        totals = self.kv_connector_stats = self.kv_connector_stats or {}
+                        totals[name] = totals.get(name, 0) + value
 
         def log_engine_initialized(self):
             pass
@@ -94,8 +97,8 @@ def _connector_stats(config, logger):
     """Collect EMS statistics for the report, or None in a pass without the connector.
 
     `pool` is `ems.Pool.attach(pool_name).stats()` read while the engine still runs (the
-    worker process owns the pool). `kv_connector_stats` is the last value vLLM passed on from
-    the connector's `get_kv_connector_stats()`, if the connector implements it.
+    worker process owns the pool). `kv_connector_stats` sums over the pass the counters that
+    vLLM passed on from the connector's `get_kv_connector_stats()`, if it implements it.
     """
     transfer = config.get("kv_transfer_config")
     if not transfer:

@@ -20,6 +20,7 @@ of the same history with more messages appended. `check_prefix_stable` tests tha
 import argparse
 import os
 import sys
+import tempfile
 import time
 
 # Shapes. tiny is a few MB, for tests. bench has 51M parameters (103 MB on disk in bfloat16).
@@ -133,7 +134,18 @@ def build(outdir, preset="tiny", seed=0):
     text_convs = shape.pop("text_convs")
     t0 = time.time()
     tokenizer = build_tokenizer(shape["vocab_size"], text_convs)
-    os.makedirs(outdir, exist_ok=True)
+    checked, violations = check_prefix_stable(tokenizer, _sample_conversations(PREFIX_CHECKS))
+    if violations:
+        raise RuntimeError(f"chat template is not prefix-stable at the token level: "
+                           f"{violations} of {checked} turns")
+
+    # A new directory appears whole, by rename, so an interrupted build never leaves a
+    # config.json behind (make treats that file as the finished model).
+    final_dir = outdir
+    if not os.path.isdir(outdir) or not os.listdir(outdir):
+        parent = os.path.dirname(os.path.abspath(outdir))
+        os.makedirs(parent, exist_ok=True)
+        outdir = tempfile.mkdtemp(prefix=".build-", dir=parent)
     tokenizer.save_pretrained(outdir)
     shape["vocab_size"] = len(tokenizer)
     config = LlamaConfig(**shape, bos_token_id=tokenizer.bos_token_id,
@@ -143,11 +155,11 @@ def build(outdir, preset="tiny", seed=0):
     model = LlamaForCausalLM(config).to(getattr(torch, save_dtype))
     model.save_pretrained(outdir, safe_serialization=True)
     params = sum(p.numel() for p in model.parameters())
-    checked, violations = check_prefix_stable(tokenizer, _sample_conversations(PREFIX_CHECKS))
-    if violations:
-        raise RuntimeError(f"chat template is not prefix-stable at the token level: "
-                           f"{violations} of {checked} turns")
-    return dict(outdir=outdir, preset=preset, seed=seed, params=params,
+    if outdir != final_dir:
+        if os.path.isdir(final_dir):
+            os.rmdir(final_dir)          # empty, checked above
+        os.rename(outdir, final_dir)
+    return dict(outdir=final_dir, preset=preset, seed=seed, params=params,
                 vocab_size=shape["vocab_size"], save_dtype=save_dtype,
                 prefix_stable_turns=checked, seconds=round(time.time() - t0, 1))
 
