@@ -11,7 +11,8 @@ import torch  # noqa: E402
 
 import vllm_helpers as vh  # noqa: E402
 from connector_rig import (bind_load_step, block_bytes, close_rig, drain,  # noqa: E402
-                           keys_of, load_step, lookup, make_rig, reset_kv, run_step, saved_turn, tokens)
+                           keys_of, load_step, lookup, make_rig, reset_kv, run_step,
+                           saved_turn, tokens)
 from ems.integrations.vllm import EMSConnector  # noqa: E402
 from ems.integrations.vllm_config import load_config  # noqa: E402
 
@@ -288,3 +289,22 @@ def test_sync_mode_loads(model_dir):
         assert rig.worker.get_block_ids_with_load_errors() == set()
     finally:
         close_rig(rig)
+
+
+def test_unknown_layer_ignored(rig):
+    """A layer vLLM did not register with the connector (for example a draft model's) has
+    nothing to load or save, so its hooks return without error."""
+    _, saved, prompt2 = saved_turn(rig, 62)
+    reset_kv(rig)
+    request, (matched, _) = lookup(rig, "turn2", prompt2)
+    bind_load_step(rig, request, LOAD_BLOCKS, matched)
+    rig.worker.start_load_kv(vh.forward_context())
+    rig.worker.wait_for_layer_load("draft.layers.0.attn")
+    rig.worker.save_kv_layer("draft.layers.0.attn", rig.layers[0], None)
+    for layer, name in enumerate(vh.layer_names(rig.config)):
+        rig.worker.wait_for_layer_load(name)
+        rig.worker.save_kv_layer(name, rig.layers[layer], None)
+    rig.worker.wait_for_save()
+    assert rig.worker.get_block_ids_with_load_errors() == set()
+    assert torch.equal(block_bytes(rig, 1, 0), saved[(1, 1)])
+    rig.worker.clear_connector_metadata()

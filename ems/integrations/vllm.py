@@ -59,8 +59,9 @@ class EMSConnectorStats(KVConnectorStats):
     """Worker counters since the last report, summed over reports and workers.
 
     blocks_loaded, blocks_saved (stored, or found already stored), load_misses,
-    saves_skipped, save_errors: counts of vLLM blocks (each is one EMS block per layer). load_wait_s: seconds the forward pass waited
-    in wait_for_layer_load for a layer still being copied."""
+    saves_skipped, save_errors: counts of vLLM blocks (each is one EMS block per layer).
+    load_wait_s: seconds the forward pass waited in wait_for_layer_load for a layer still
+    being copied."""
 
     def reset(self):
         self.data = {}
@@ -166,7 +167,8 @@ class EMSConnector(KVConnectorBase_V1):
     def handle_preemptions(self, kv_connector_metadata: KVConnectorMetadata) -> None:
         # The first hook of a step, before vLLM zeroes or reuses any freed block: the
         # copies of earlier steps must be done by then.
-        self.worker.begin_step(kv_connector_metadata.plan)
+        if self.worker is not None:
+            self.worker.begin_step(kv_connector_metadata.plan)
 
     def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
         super().bind_connector_metadata(connector_metadata)

@@ -1,10 +1,10 @@
 """Scheduler half of the EMS vLLM connector (runs in vLLM's engine-core process).
 
 It finds how many prompt blocks beyond vLLM's own prefix-cache hit are stored in EMS,
-reports them so vLLM allocates blocks for them, and emits per step the blocks the worker must load and the
-newly computed full blocks it must save. It reads the pool through a read-only handle
-(ems.Pool.attach), so no block data crosses into this process, and each lookup is a
-batched index probe in C: the scheduler never waits on I/O.
+reports them so vLLM allocates blocks for them, and emits per step the blocks the worker
+must load and the newly computed full blocks it must save. It reads the pool through a
+read-only handle (ems.Pool.attach), so no block data crosses into this process, and each
+lookup is a batched index probe in C: the scheduler never waits on I/O.
 """
 from __future__ import annotations
 

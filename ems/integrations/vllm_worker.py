@@ -138,7 +138,7 @@ class WorkerSide:
         Report every block of the step as failed, so vLLM recomputes them, and load
         synchronously from now on."""
         self._copies.drain()
-        self._fail(step, 0, step.transfers)
+        self._fail(step, 0, step.transfers, "the forward pass did not wait for them")
         if self.load_mode == "layer":
             logger.error("vLLM did not call wait_for_layer_load for every layer; EMS "
                          "loads synchronously from now on")
@@ -172,9 +172,9 @@ class WorkerSide:
     def wait_layer(self, layer_name: str) -> None:
         """Block until this step's loads into `layer_name` are done."""
         step = self._step
-        if step.plan is None:
+        layer = self._layer_index.get(layer_name)
+        if step.plan is None or layer is None:   # not a registered KV layer: nothing to load
             return
-        layer = self._layer_index[layer_name]
         step.layers_waited.add(layer)
         if not step.loads_started:   # vLLM started the forward pass before start_load_kv
             self.start_loads()
@@ -190,7 +190,7 @@ class WorkerSide:
             self._load_layer(step, layer)
         except Exception:
             logger.exception("EMS load of layer %d failed; vLLM recomputes its blocks", layer)
-            self._fail(step, layer, step.transfers)
+            self._fail(step, layer, step.transfers, "copy failed")
         with self._layer_done:
             step.layers_loaded = layer + 1
             self._layer_done.notify_all()
@@ -216,7 +216,7 @@ class WorkerSide:
                     self._fail(step, layer, missed)
         except Exception:
             logger.exception("EMS load failed; vLLM recomputes the blocks")
-            self._fail(step, 0, transfers)
+            self._fail(step, 0, transfers, "copy failed")
         self._count("blocks_loaded", len({t.block_id for t in transfers} - step.missed))
         with self._lock:
             self._finished_loads.update(loads)
@@ -229,7 +229,8 @@ class WorkerSide:
             self._upload(layer, [t.block_id for t in transfers])
         return hits
 
-    def _fail(self, step: _Step, layer: int, transfers: list) -> None:
+    def _fail(self, step: _Step, layer: int, transfers: list,
+              reason: str = "evicted since lookup") -> None:
         fresh = {t.block_id for t in transfers} - step.missed
         step.missed.update(fresh)
         with self._lock:
@@ -237,8 +238,8 @@ class WorkerSide:
             self.counters["load_misses"] += len(fresh)
         if step.failed_layer is None or layer < step.failed_layer:
             step.failed_layer = layer
-        logger.warning("EMS load missed %d blocks on layer %d (evicted since lookup); vLLM "
-                       "recomputes them", len(transfers), layer)
+        logger.warning("EMS load missed %d blocks on layer %d (%s); vLLM recomputes them",
+                       len(transfers), layer, reason)
 
     def _count(self, name: str, value) -> None:
         with self._lock:
@@ -265,8 +266,8 @@ class WorkerSide:
         step is skipped from that layer on."""
         step = self._step
         if isinstance(layer, str):
-            layer = self._layer_index[layer]
-        if step.plan is None or layer in step.layers_saved or self.pool is None:
+            layer = self._layer_index.get(layer)
+        if step.plan is None or layer is None or layer in step.layers_saved or self.pool is None:
             return
         step.layers_saved.add(layer)
         saves = step.plan.saves
