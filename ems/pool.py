@@ -70,6 +70,12 @@ class Pool(_core._CorePool):
                  max_blocks: int | None = None, pages: str = "auto", name: str | None = None):
         if not isinstance(capacity_bytes, int) or capacity_bytes <= 0:
             raise CapacityError(f"capacity_bytes must be a positive int, got {capacity_bytes!r}")
+        memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        if capacity_bytes > memory:
+            # The arena is prefaulted at creation: beyond RAM the kernel's OOM killer would
+            # end the process instead of an error reaching the caller.
+            raise CapacityError(f"capacity_bytes {capacity_bytes} exceeds this machine's "
+                                f"memory ({memory} bytes)")
         if name is None:
             name = f"ems-{os.getpid()}-{next(_name_counter)}"
         _check_name(name)

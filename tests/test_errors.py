@@ -337,6 +337,14 @@ def test_capacity_not_positive(capacity):
     assert f"got {capacity}" in str(info.value)
 
 
+def test_capacity_above_memory():
+    memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    with pytest.raises(errors.CapacityError) as info:
+        ems.Pool(memory + 1 * MiB)
+    assert str(memory + 1 * MiB) in str(info.value)
+    assert str(memory) in str(info.value)
+
+
 def test_capacity_too_small_default_slab():
     with pytest.raises(errors.CapacityError) as info:
         ems.Pool(512 * KiB)

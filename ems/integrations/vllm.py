@@ -140,9 +140,7 @@ class EMSConnector(KVConnectorBase_V1):
 
     def update_state_after_alloc(self, request: "Request", blocks: "KVCacheBlocks",
                                  num_external_tokens: int) -> None:
-        if num_external_tokens <= 0:
-            return
-        block_ids = blocks.get_block_ids()[0]
+        block_ids = blocks.get_block_ids()[0] if num_external_tokens > 0 else []
         self.scheduler.after_alloc(request, list(block_ids), num_external_tokens,
                                    self._computed.get(request.request_id, 0))
 

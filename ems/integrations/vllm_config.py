@@ -17,6 +17,9 @@ logger = logging.getLogger(__name__)
 LOAD_MODES = ("layer", "async", "sync")
 
 
+PAGE_KINDS = ("auto", "hugetlb", "thp", "small")
+
+
 def _boolean(raw) -> bool:
     if isinstance(raw, bool):
         return raw
@@ -28,15 +31,39 @@ def _boolean(raw) -> bool:
     raise ValueError(raw)
 
 
+def _integer(raw) -> int:
+    """Parse a whole number: an int (not a bool), a float without a fraction, or digits."""
+    if isinstance(raw, bool):
+        raise ValueError(raw)
+    if isinstance(raw, float):
+        if not raw.is_integer():
+            raise ValueError(raw)
+        return int(raw)
+    if isinstance(raw, int):
+        return raw
+    return int(str(raw).strip())
+
+
+def _text(raw) -> str:
+    if not isinstance(raw, str):
+        raise ValueError(raw)
+    return raw
+
+
+def physical_memory_bytes() -> int:
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
 # setting name -> (environment variable, type, default)
 _SETTINGS = {
-    "pool_capacity_bytes": ("EMS_POOL_CAPACITY_BYTES", int, 1 << 30),
-    "pool_name": ("EMS_POOL_NAME", str, None),
-    "pool_pages": ("EMS_POOL_PAGES", str, "auto"),
-    "tenant": ("EMS_TENANT", str, "default"),
-    "load_mode": ("EMS_LOAD_MODE", str, "layer"),
+    "pool_capacity_bytes": ("EMS_POOL_CAPACITY_BYTES", _integer, 1 << 30),
+    "pool_name": ("EMS_POOL_NAME", _text, None),
+    "pool_pages": ("EMS_POOL_PAGES", _text, "auto"),
+    "tenant": ("EMS_TENANT", _text, "default"),
+    "load_mode": ("EMS_LOAD_MODE", _text, "layer"),
     "async_saves": ("EMS_ASYNC_SAVES", _boolean, True),
 }
+_TYPE_NAMES = {_integer: "a whole number", _text: "a string", _boolean: "a boolean"}
 
 
 @dataclass(frozen=True)
@@ -57,18 +84,32 @@ def load_config(extra_config: dict, engine_id: str | None) -> ConnectorConfig:
                          f"known: {sorted(_SETTINGS)}")
     values = {}
     for name, (env_name, kind, default) in _SETTINGS.items():
-        raw = os.environ.get(env_name, extra_config.get(name, default))
+        # A null in extra_config means the default, as an absent setting does.
+        raw = os.environ.get(env_name)
+        if raw is None:
+            raw = extra_config.get(name)
+        if raw is None:
+            values[name] = default
+            continue
         try:
-            values[name] = None if raw is None else kind(raw)
+            values[name] = kind(raw)
         except (TypeError, ValueError):
             raise ValueError(f"EMS connector setting {name} (or {env_name}) must be "
-                             f"{kind.__name__.lstrip('_')}, got {raw!r}") from None
-    if values["pool_capacity_bytes"] <= 0:
-        raise ValueError(f"pool_capacity_bytes must be positive, got "
-                         f"{values['pool_capacity_bytes']}")
+                             f"{_TYPE_NAMES[kind]}, got {raw!r}") from None
+
+    capacity, memory = values["pool_capacity_bytes"], physical_memory_bytes()
+    if capacity <= 0:
+        raise ValueError(f"pool_capacity_bytes must be positive, got {capacity}")
+    if capacity > memory:
+        # The pool prefaults its whole capacity at start, so it must fit in RAM.
+        raise ValueError(f"pool_capacity_bytes {capacity} exceeds this machine's memory "
+                         f"({memory} bytes); set it below that, leaving room for vLLM")
     if values["load_mode"] not in LOAD_MODES:
         raise ValueError(f"load_mode (or EMS_LOAD_MODE) must be one of {LOAD_MODES}, got "
                          f"{values['load_mode']!r}")
+    if values["pool_pages"] not in PAGE_KINDS:
+        raise ValueError(f"pool_pages (or EMS_POOL_PAGES) must be one of {PAGE_KINDS}, got "
+                         f"{values['pool_pages']!r}")
     if values["pool_name"] is None:
         # Both vLLM processes get the same engine_id, so they agree on the pool name.
         values["pool_name"] = f"ems-vllm-{engine_id or os.getppid()}"

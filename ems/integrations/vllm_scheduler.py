@@ -132,9 +132,11 @@ class SchedulerSide:
     def after_alloc(self, request, block_ids: list[int], num_external_tokens: int,
                     num_computed_tokens: int) -> None:
         """Record the blocks vLLM allocated for the tokens EMS will provide."""
-        if num_external_tokens <= 0:
-            return
         state = self._request(request)
+        if num_external_tokens <= 0:   # a retry that loads nothing: every block is computed
+            state.load_start = state.load_end = 0
+            self._pending_loads.pop(request.request_id, None)
+            return
         first = num_computed_tokens // self.block_size
         count = num_external_tokens // self.block_size
         state.load_start, state.load_end = first, first + count
@@ -156,6 +158,11 @@ class SchedulerSide:
                 state.block_keys = chain_keys(self.namespace, state.prompt, self.block_size)
                 self._requests[new.req_id] = state
             state.block_ids = list(new.block_ids[0])
+            # After a failed async load vLLM schedules the request as new, computed only up
+            # to the first failed block: blocks from there on are computed and saved.
+            done = new.num_computed_tokens // self.block_size
+            state.saved_until = min(state.saved_until, done)
+            state.load_end = min(state.load_end, max(done, state.load_start))
             self._plan_saves(state, new.num_computed_tokens + scheduled.get(new.req_id, 0),
                              plan)
 

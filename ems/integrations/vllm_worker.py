@@ -103,7 +103,8 @@ class WorkerSide:
 
         num_blocks = tensor.shape[0]
         if tensor.device.type != "cpu":
-            # NOTE: the staging path for accelerator tensors has not run on a GPU yet.
+            # NOTE: the staging path for accelerator tensors has not run on a GPU yet, and it
+            # mirrors each layer's whole KV tensor in host memory.
             self._device_layers.append(tensor)
             staging = torch.empty((num_blocks, tensor[0].numel() * tensor.element_size()),
                                   dtype=torch.uint8, pin_memory=torch.cuda.is_available())
@@ -166,7 +167,12 @@ class WorkerSide:
                 self._copies.submit(partial(self._load_layer_job, step, layer))
             return
         for layer in range(len(self._layers)):
-            self._load_layer(step, layer)
+            try:
+                self._load_layer(step, layer)
+            except Exception:
+                logger.exception("EMS load of layer %d failed; vLLM recomputes its blocks",
+                                 layer)
+                self._fail(step, layer, step.transfers, "copy failed")
         step.layers_loaded = len(self._layers)
 
     def wait_layer(self, layer_name: str) -> None:
