@@ -28,9 +28,11 @@ def fail_copies(rig):
 # ---- copy failures ---------------------------------------------------------------------
 
 
-def test_layer_copy_error_reported(model_dir):
-    """A copy that raises in "layer" mode reports every planned block as a load error."""
-    rig = make_rig(model_dir)
+@pytest.mark.parametrize("load_mode", ["layer", "sync"])
+def test_copy_error_reported(model_dir, load_mode):
+    """A copy that raises reports every planned block as a load error, and the block the
+    step computed over them is not saved."""
+    rig = make_rig(model_dir, load_mode=load_mode)
     try:
         _, _, prompt2 = saved_turn(rig, 70)
         request, (matched, _) = lookup(rig, "turn2", prompt2)
@@ -39,20 +41,6 @@ def test_layer_copy_error_reported(model_dir):
         errors = load_step(rig, request, LOAD_BLOCKS, 0, matched, compute_blocks=[3, 5])
         assert errors == {7, 0, 13}
         assert not rig.pool.exists(keys_of(rig, prompt2)[3][0])
-    finally:
-        close_rig(rig)
-
-
-def test_sync_copy_error_reported(model_dir):
-    """A copy that raises in "sync" mode is reported as load errors, as in "layer" mode."""
-    rig = make_rig(model_dir, load_mode="sync")
-    try:
-        _, _, prompt2 = saved_turn(rig, 71)
-        request, (matched, _) = lookup(rig, "turn2", prompt2)
-        assert matched == 3 * rig.block_size
-        fail_copies(rig)
-        errors = load_step(rig, request, LOAD_BLOCKS, 0, matched, compute_blocks=[3, 5])
-        assert errors == {7, 0, 13}
     finally:
         close_rig(rig)
 
