@@ -6,8 +6,8 @@
     pool.get_into(key32, destination)
 """
 from ems import errors
-from ems._core import KEY_BYTES, Reservation, default_slab_size
+from ems._core import KEY_BYTES, Reservation, crc32c, default_slab_size
 from ems.pool import Pool
 
-__all__ = ["KEY_BYTES", "Pool", "Reservation", "default_slab_size", "errors"]
+__all__ = ["KEY_BYTES", "Pool", "Reservation", "crc32c", "default_slab_size", "errors"]
 __version__ = "0.1.0"

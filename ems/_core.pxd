@@ -17,6 +17,12 @@ cdef extern from "arena.h":
     const char *ems_page_kind_name(ems_page_kind_t kind)
 
 
+cdef extern from "crc32c.h":
+    uint32_t ems_crc32c(uint32_t crc, const void *data, size_t length) nogil
+    uint32_t ems_crc32c_software(uint32_t crc, const void *data, size_t length) nogil
+    int ems_crc32c_hardware() nogil
+
+
 cdef extern from "pool.h":
     ctypedef struct ems_pool_config_t:
         uint64_t capacity

@@ -56,6 +56,8 @@ CASES = [
     ("test_pool_stress", "plain", ["200000"]),
     ("test_pool_stress", "asan", ["50000"]),
     ("test_pool_stress", "tsan", ["20000"]),
+    ("test_crc32c", "plain", []),
+    ("test_crc32c", "asan", []),
 ]
 
 RUN_TIMEOUT_S = 120
