@@ -58,6 +58,8 @@ CASES = [
     ("test_pool_stress", "tsan", ["20000"]),
     ("test_crc32c", "plain", []),
     ("test_crc32c", "asan", []),
+    ("test_frame", "plain", []),
+    ("test_frame", "asan", []),
 ]
 
 RUN_TIMEOUT_S = 120
