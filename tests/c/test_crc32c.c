@@ -48,6 +48,26 @@ static void test_paths_agree(void) {
                      ems_crc32c_software(0, data + offset, len));
 }
 
+static void test_long_inputs_agree(void) {
+    /* Long inputs take the three-chain path: lengths around multiples of 3 KiB. */
+    enum { SIZE = 64 * 1024 + 64 };
+    static uint8_t data[SIZE];
+    uint64_t state = 0xD1B54A32D192ED03u;
+    for (int i = 0; i < SIZE; i++) {
+        state ^= state << 13, state ^= state >> 7, state ^= state << 17;
+        data[i] = (uint8_t)state;
+    }
+    const size_t lengths[] = {3071, 3072, 3073, 3080, 6143, 6144, 6151, 9216, 30000, 65536};
+    for (size_t n = 0; n < sizeof lengths / sizeof lengths[0]; n++)
+        for (size_t offset = 0; offset < 3; offset++) {
+            size_t len = lengths[n];
+            CHECK_EQ(ems_crc32c(0, data + offset, len),
+                     ems_crc32c_software(0, data + offset, len));
+            CHECK_EQ(ems_crc32c(0x12345678u, data + offset, len),
+                     ems_crc32c_software(0x12345678u, data + offset, len));
+        }
+}
+
 static void test_one_bit_changes(void) {
     uint8_t data[4096];
     memset(data, 0x5A, sizeof data);
@@ -64,6 +84,7 @@ int main(void) {
     test_check_values();
     test_chaining();
     test_paths_agree();
+    test_long_inputs_agree();
     test_one_bit_changes();
     printf("test_crc32c: ok (CPU instruction %s)\n", ems_crc32c_hardware() ? "used" : "absent");
     return 0;
