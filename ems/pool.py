@@ -56,6 +56,11 @@ def _check_name(name: str) -> None:
                          "letters, digits, '_', '.' and '-'")
 
 
+
+def physical_memory_bytes() -> int:
+    """Return the machine's physical memory in bytes (the most a pool can prefault)."""
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
 class Pool(_core._CorePool):
     """A block store in shared memory: 32-byte keys to immutable byte blocks.
 
@@ -70,7 +75,7 @@ class Pool(_core._CorePool):
                  max_blocks: int | None = None, pages: str = "auto", name: str | None = None):
         if not isinstance(capacity_bytes, int) or capacity_bytes <= 0:
             raise CapacityError(f"capacity_bytes must be a positive int, got {capacity_bytes!r}")
-        memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        memory = physical_memory_bytes()
         if capacity_bytes > memory:
             # The arena is prefaulted at creation: beyond RAM the kernel's OOM killer would
             # end the process instead of an error reaching the caller.

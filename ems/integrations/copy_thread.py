@@ -35,11 +35,6 @@ class CopyThread:
         with self._idle:
             self._idle.wait_for(lambda: self._pending == 0)
 
-    @property
-    def busy(self) -> bool:
-        with self._idle:
-            return self._pending > 0
-
     def close(self) -> None:
         """Finish the queued jobs, then stop the thread."""
         self._jobs.put(None)

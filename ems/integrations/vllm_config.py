@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass
 
 from ems.keys import KeySpace, KVLayout
+from ems.pool import physical_memory_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -48,10 +49,6 @@ def _text(raw) -> str:
     if not isinstance(raw, str):
         raise ValueError(raw)
     return raw
-
-
-def physical_memory_bytes() -> int:
-    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 # setting name -> (environment variable, type, default)

@@ -3,8 +3,8 @@
 It owns the embedded pool, registers vLLM's KV tensors, copies cached blocks from EMS into
 them and copies newly computed full blocks into EMS. A block is stored layer by layer (one
 EMS block per layer and vLLM block), because each layer's slice of a vLLM block is
-contiguous while the layers of one block are not, so every copy goes straight between the
-pool and vLLM's KV cache with no staging on the CPU.
+contiguous while the layers of one block are not. So every copy goes straight between the
+pool and vLLM's KV cache, with no staging on the CPU.
 
 Copies run on one background thread (CopyThread), in C with the GIL released:
   loads, "layer" mode: layer i is copied while the forward pass computes layers before i;
