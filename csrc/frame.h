@@ -42,7 +42,10 @@ typedef enum {
     EMS_OP_DIR_REGISTER = 9,
     EMS_OP_DIR_LOOKUP = 10,
     EMS_OP_STATS = 11,
-    EMS_OP_LAST = EMS_OP_STATS,
+    EMS_OP_LOCAL_ATTACH = 12,  /* local socket only: the response carries the pool memfd */
+    EMS_OP_LOCAL_RESERVE = 13, /* local socket only: reserve slots the client fills */
+    EMS_OP_LOCAL_COMMIT = 14,  /* local socket only: publish the reserved slots */
+    EMS_OP_LAST = EMS_OP_LOCAL_COMMIT,
 } ems_opcode_t;
 
 typedef enum {

@@ -7,8 +7,9 @@ from cpython.buffer cimport (PyBUF_RECORDS_RO, PyBuffer_FillInfo, PyBuffer_IsCon
                              PyBuffer_Release, PyObject_CheckBuffer, PyObject_GetBuffer)
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_GET_SIZE
 from cpython.bytes cimport PyBytes_FromStringAndSize
-from libc.errno cimport EEXIST, EINVAL, EMSGSIZE, ENOENT, ENOMEM, ENOSPC, EPERM, EPROTO, ERANGE
-from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t, uintptr_t
+from libc.errno cimport (EACCES, EEXIST, EINVAL, EMSGSIZE, ENOENT, ENOMEM, ENOSPC, ENOTCONN,
+                         EPERM, EPROTO, EPROTONOSUPPORT, ERANGE)
+from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t, uintptr_t
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy
 from posix.unistd cimport usleep
@@ -357,10 +358,12 @@ cdef class _CorePool:
     cdef Py_ssize_t _inflight
     cdef readonly uint64_t _max_block
     cdef set _reservations
+    cdef set _servers
 
     def __cinit__(self, *args, **kwargs):
         self._open = False
         self._reservations = set()
+        self._servers = set()
 
     def __dealloc__(self):
         if self._open:
@@ -424,6 +427,8 @@ cdef class _CorePool:
         aborted. Further calls raise PoolClosedError. Closing twice does nothing."""
         if not self._open:
             return
+        for server in list(self._servers):
+            server.stop()
         for reservation in list(self._reservations):
             reservation.abort()
         self._closing = True
@@ -796,3 +801,6 @@ cdef class _CorePool:
             reader_misses=s.reader_misses, reader_retries=s.reader_retries,
             page_kind=ems_page_kind_name(<ems_page_kind_t>s.page_kind).decode(),
             is_owner=bool(self.pool.owner), classes=classes)
+
+
+include "_transfer.pxi"

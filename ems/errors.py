@@ -56,3 +56,23 @@ class ArenaError(EMSError, OSError):
 
 class AttachError(EMSError, OSError):
     """A pool could not be attached: unknown name, owner gone, or not an EMS pool."""
+
+
+class MembershipError(EMSError, ConnectionError):
+    """The cluster membership service (ZooKeeper) could not be reached or did not answer."""
+
+
+class NodeIdInUseError(EMSError):
+    """A node id that another live daemon has already registered in the cluster."""
+
+
+class TransferError(EMSError, OSError):
+    """A call to another EMS node failed: refused, timed out, or the connection broke."""
+
+
+class AuthenticationError(TransferError):
+    """A daemon refused the connection: no or wrong cluster secret."""
+
+
+class ProtocolVersionError(TransferError):
+    """The two sides share no protocol version."""

@@ -1,0 +1,563 @@
+/* Transfer server operations: the handshake and the batched block and directory calls.
+ * Payload formats are in docs/protocol.md; every multi-byte integer is little-endian.
+ *
+ * Rules kept here: nothing is acted on before the handshake is complete; a client
+ * connection works only on stored keys of its own tenant (ems_tenant_keys), a node
+ * connection only on the directory; a PUT's blocks are received straight into reserved
+ * slots and committed only after the whole payload has arrived with a valid checksum. */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/random.h>
+#include <sys/socket.h>
+
+#include "crc32c.h"
+#include "netio.h"
+#include "server_internal.h"
+#include "wire.h"
+
+#define BATCH_HEAD 8u          /* u32 n, u32 arg */
+#define DISCARD_CHUNK (256u << 10)
+#define COUNT(conn, field, n) \
+    atomic_fetch_add_explicit(&(conn)->server->count.field, (n), memory_order_relaxed)
+
+/* Responds with an error status and a log line; returns -1 so the caller closes. */
+static int refuse(ems_srv_conn_t *conn, const ems_frame_t *req, uint16_t status,
+                  const char *why)
+{
+    ems_srv_log(conn->server, "refused opcode %u from %s (tenant '%s'): %s; closing",
+                req->opcode, conn->peer, conn->tenant, why);
+    ems_srv_respond(conn, req, status, NULL, 0);
+    return -1;
+}
+
+/* Responds with an error status for a request whose payload was consumed; the
+ * connection stays open. */
+static int reject(ems_srv_conn_t *conn, const ems_frame_t *req, uint16_t status,
+                  const char *why)
+{
+    ems_srv_log(conn->server, "rejected opcode %u from %s (tenant '%s'): %s", req->opcode,
+                conn->peer, conn->tenant, why);
+    return ems_srv_respond(conn, req, status, NULL, 0) < 0 ? -1 : 0;
+}
+
+static int respond_ok(ems_srv_conn_t *conn, const ems_frame_t *req, void *a, size_t alen,
+                      void *b, size_t blen)
+{
+    struct iovec parts[2] = {{a, alen}, {b, blen}};
+    return ems_srv_respond(conn, req, EMS_STATUS_OK, parts, b ? 2 : (a ? 1 : 0)) < 0 ? -1 : 0;
+}
+
+/* Checks that conn->in holds "u32 n, u32 arg, n keys, then `extra` bytes per key" and
+ * nothing else, and converts the keys to stored keys in conn->keys (client role: the
+ * tenant's; node role: as sent). Returns 0 or -1 after rejecting. */
+static int parse_batch(ems_srv_conn_t *conn, const ems_frame_t *req, size_t extra,
+                       uint64_t *n, uint32_t *arg)
+{
+    uint64_t count = req->payload_len >= BATCH_HEAD ? ems_get32(conn->in) : 0;
+    if (req->payload_len < BATCH_HEAD ||
+        (uint64_t)req->payload_len != BATCH_HEAD + count * (EMS_KEY_BYTES + extra)) {
+        reject(conn, req, EMS_STATUS_BAD_REQUEST, "payload length does not match the key count");
+        return -1;
+    }
+    if (ems_srv_reserve_buf(&conn->keys, &conn->keys_cap, count * EMS_KEY_BYTES + 1) < 0) {
+        reject(conn, req, EMS_STATUS_INTERNAL, "out of memory");
+        return -1;
+    }
+    const uint8_t *keys = conn->in + BATCH_HEAD;
+    if (conn->role == EMS_ROLE_CLIENT)
+        ems_tenant_keys(conn->salt, keys, count, conn->keys);
+    else
+        memcpy(conn->keys, keys, count * EMS_KEY_BYTES);
+    *n = count;
+    *arg = ems_get32(conn->in + 4);
+    return 0;
+}
+
+static int out_room(ems_srv_conn_t *conn, const ems_frame_t *req, size_t need)
+{
+    if (ems_srv_reserve_buf(&conn->out, &conn->out_cap, need + 1) < 0) {
+        reject(conn, req, EMS_STATUS_INTERNAL, "out of memory");
+        return -1;
+    }
+    return 0;
+}
+
+/* ---- handshake --------------------------------------------------------------------- */
+
+static int valid_tenant(const uint8_t *name, size_t len)
+{
+    if (len == 0 || len > EMS_TENANT_MAX)
+        return 0;
+    for (size_t i = 0; i < len; i++)
+        if (name[i] < 0x21 || name[i] > 0x7e)
+            return 0;
+    return 1;
+}
+
+static int op_hello(ems_srv_conn_t *conn, const ems_frame_t *req)
+{
+    if (conn->hello_done)
+        return refuse(conn, req, EMS_STATUS_BAD_REQUEST, "second HELLO");
+    if (req->payload_len < 8)
+        return refuse(conn, req, EMS_STATUS_BAD_REQUEST, "HELLO shorter than 8 bytes");
+    uint16_t vmin = ems_get16(conn->in), vmax = ems_get16(conn->in + 2);
+    uint16_t role = ems_get16(conn->in + 4), tlen = ems_get16(conn->in + 6);
+    if (req->payload_len != 8u + tlen || !valid_tenant(conn->in + 8, tlen))
+        return refuse(conn, req, EMS_STATUS_BAD_REQUEST,
+                      "tenant must be 1 to 64 printable ASCII characters");
+    if (role > EMS_ROLE_NODE)
+        return refuse(conn, req, EMS_STATUS_BAD_REQUEST, "unknown role");
+    uint16_t version;
+    if (ems_proto_negotiate(vmin, vmax, &version) < 0) {
+        char why[96];
+        snprintf(why, sizeof why, "client speaks versions %u-%u, this server %u-%u", vmin,
+                 vmax, EMS_PROTO_VERSION_MIN, EMS_PROTO_VERSION_MAX);
+        return refuse(conn, req, EMS_STATUS_UNSUPPORTED_VERSION, why);
+    }
+
+    memcpy(conn->tenant, conn->in + 8, tlen);
+    conn->tenant[tlen] = 0;
+    ems_tenant_salt(conn->tenant, tlen, conn->salt);
+    conn->role = role;
+    conn->version = version;
+    conn->hello_done = 1;
+    conn->authed = conn->server->cfg.secret == NULL;
+    if (getrandom(conn->challenge, sizeof conn->challenge, 0) != sizeof conn->challenge)
+        return refuse(conn, req, EMS_STATUS_INTERNAL, "no randomness for a challenge");
+
+    uint8_t resp[4 + EMS_CHALLENGE_BYTES];
+    ems_put16(resp, version);
+    ems_put16(resp + 2, conn->authed ? 0 : 1);
+    memcpy(resp + 4, conn->challenge, EMS_CHALLENGE_BYTES);
+    return respond_ok(conn, req, resp, sizeof resp, NULL, 0);
+}
+
+static int op_auth(ems_srv_conn_t *conn, const ems_frame_t *req)
+{
+    if (!conn->hello_done || conn->authed)
+        return refuse(conn, req, EMS_STATUS_BAD_REQUEST, "AUTH out of order");
+    const ems_server_config_t *cfg = &conn->server->cfg;
+    uint8_t expect[EMS_PROOF_BYTES];
+    ems_auth_proof(cfg->secret, cfg->secret_len, conn->challenge, conn->tenant,
+                   strlen(conn->tenant), conn->role, expect);
+    uint8_t diff = req->payload_len != EMS_PROOF_BYTES;
+    for (size_t i = 0; i < EMS_PROOF_BYTES && req->payload_len == EMS_PROOF_BYTES; i++)
+        diff |= expect[i] ^ conn->in[i];
+    if (diff) {
+        COUNT(conn, auth_failures, 1);
+        return refuse(conn, req, EMS_STATUS_UNAUTHENTICATED,
+                      "authentication failed: wrong cluster secret");
+    }
+    conn->authed = 1;
+    return respond_ok(conn, req, NULL, 0, NULL, 0);
+}
+
+/* ---- blocks ------------------------------------------------------------------------ */
+
+static int op_get(ems_srv_conn_t *conn, const ems_frame_t *req)
+{
+    uint64_t n;
+    uint32_t arg;
+    if (parse_batch(conn, req, 8, &n, &arg) < 0)
+        return 0;
+    const uint8_t *lengths = conn->in + BATCH_HEAD + n * EMS_KEY_BYTES;
+    uint64_t want = 8 * n;
+    for (uint64_t i = 0; i < n; i++)
+        want += ems_get64(lengths + 8 * i);
+    if (want > conn->server->cfg.max_payload)
+        return reject(conn, req, EMS_STATUS_TOO_LARGE, "GET response would exceed the payload limit");
+    if (out_room(conn, req, want) < 0)
+        return 0;
+
+    /* Copy each hit after the results table, in key order. */
+    ems_pool_t *pool = conn->server->cfg.pool;
+    uint64_t off = 8 * n, hits = 0;
+    for (uint64_t i = 0; i < n; i++) {
+        uint64_t actual = 0, length = ems_get64(lengths + 8 * i);
+        int64_t rc = length == 0 ? -EINVAL
+                                 : ems_pool_get(pool, conn->keys + i * EMS_KEY_BYTES,
+                                                conn->out + off, length, &actual);
+        ems_put64(conn->out + 8 * i, (uint64_t)rc);
+        if (rc > 0) {
+            off += (uint64_t)rc;
+            hits++;
+        }
+    }
+    COUNT(conn, gets, n);
+    COUNT(conn, get_hits, hits);
+    COUNT(conn, get_misses, n - hits);
+    return respond_ok(conn, req, conn->out, off, NULL, 0);
+}
+
+/* Receives `len` payload bytes into dst (or discards them when dst is NULL), extending
+ * the running checksum. */
+static int recv_part(ems_srv_conn_t *conn, uint8_t *dst, uint64_t len, uint32_t *crc,
+                     uint64_t deadline)
+{
+    while (len > 0) {
+        uint64_t take = len;
+        uint8_t *into = dst;
+        if (!dst) {
+            if (ems_srv_reserve_buf(&conn->out, &conn->out_cap, DISCARD_CHUNK) < 0)
+                return -ENOMEM;
+            take = len < DISCARD_CHUNK ? len : DISCARD_CHUNK;
+            into = conn->out;
+        }
+        int rc = ems_recv_all(conn->fd, into, take, deadline);
+        if (rc < 0)
+            return rc;
+        *crc = ems_crc32c(*crc, into, take);
+        if (dst)
+            dst += take;
+        len -= take;
+    }
+    return 0;
+}
+
+static void abort_all(ems_pool_t *pool, ems_reservation_t *r, const int64_t *results, uint64_t n)
+{
+    for (uint64_t i = 0; i < n; i++)
+        if (results[i] == 0)
+            ems_pool_abort(pool, &r[i]);
+}
+
+static int op_put(ems_srv_conn_t *conn, const ems_frame_t *req)
+{
+    ems_server_t *server = conn->server;
+    uint64_t deadline = ems_deadline_in(server->cfg.io_timeout_ms);
+
+    /* Step 1: the batch head, keys and lengths. A malformed head closes the connection:
+     * the rest of the payload cannot be skipped safely. */
+    uint8_t head[BATCH_HEAD];
+    if (req->payload_len < BATCH_HEAD || ems_recv_all(conn->fd, head, BATCH_HEAD, deadline) < 0)
+        return refuse(conn, req, EMS_STATUS_BAD_REQUEST, "PUT shorter than a batch head");
+    uint64_t n = ems_get32(head);
+    uint64_t table = n * (EMS_KEY_BYTES + 8);
+    if (BATCH_HEAD + table > req->payload_len)
+        return refuse(conn, req, EMS_STATUS_BAD_REQUEST, "PUT key table exceeds the payload");
+    if (ems_srv_reserve_buf(&conn->in, &conn->in_cap, table + 1) < 0 ||
+        ems_srv_reserve_buf(&conn->keys, &conn->keys_cap, n * EMS_KEY_BYTES + 1) < 0)
+        return refuse(conn, req, EMS_STATUS_INTERNAL, "out of memory");
+    if (ems_recv_all(conn->fd, conn->in, table, deadline) < 0)
+        return -1;
+    uint32_t crc = ems_crc32c(ems_crc32c(0, head, BATCH_HEAD), conn->in, table);
+    const uint8_t *lengths = conn->in + n * EMS_KEY_BYTES;
+    uint64_t data = 0, max_block = ems_pool_max_block(server->cfg.pool);
+    for (uint64_t i = 0; i < n; i++)
+        data += ems_get64(lengths + 8 * i);
+    if (BATCH_HEAD + table + data != req->payload_len)
+        return refuse(conn, req, EMS_STATUS_BAD_REQUEST, "PUT lengths do not add up to the payload");
+    ems_tenant_keys(conn->salt, conn->in, n, conn->keys);
+
+    /* Step 2: reserve every slot, then receive each block straight into its slot. */
+    ems_reservation_t *r = calloc(n ? n : 1, sizeof *r);
+    int64_t *results = calloc(n ? n : 1, sizeof *results);
+    if (!r || !results) {
+        free(r);
+        free(results);
+        return refuse(conn, req, EMS_STATUS_INTERNAL, "out of memory");
+    }
+    for (uint64_t i = 0; i < n; i++) {
+        uint64_t length = ems_get64(lengths + 8 * i);
+        results[i] = length > max_block ? -EMSGSIZE
+                                        : ems_pool_reserve(server->cfg.pool,
+                                                           conn->keys + i * EMS_KEY_BYTES, length, &r[i]);
+        if (results[i] == 0 && r[i].exists)
+            results[i] = 1;
+    }
+    int rc = 0;
+    for (uint64_t i = 0; i < n && rc == 0; i++)
+        rc = recv_part(conn, results[i] == 0 ? r[i].data : NULL, ems_get64(lengths + 8 * i), &crc,
+                       deadline);
+    COUNT(conn, bytes_in, req->payload_len);
+    if (rc < 0) {
+        abort_all(server->cfg.pool, r, results, n);
+        free(r);
+        free(results);
+        ems_srv_log(server, "PUT from %s broke off: %s; nothing of it was stored", conn->peer,
+                    strerror(-rc));
+        return -1;
+    }
+
+    /* Step 3: publish only a payload that arrived intact. */
+    if (crc != req->payload_crc) {
+        abort_all(server->cfg.pool, r, results, n);
+        free(r);
+        free(results);
+        return reject(conn, req, EMS_STATUS_BAD_REQUEST,
+                      "PUT payload checksum mismatch; nothing of it was stored");
+    }
+    uint64_t stored = 0;
+    for (uint64_t i = 0; i < n; i++) {
+        if (results[i] != 0)
+            continue;
+        results[i] = ems_pool_commit(server->cfg.pool, &r[i]);
+        if (results[i] == 0)
+            memmove(conn->keys + stored++ * EMS_KEY_BYTES, conn->keys + i * EMS_KEY_BYTES,
+                    EMS_KEY_BYTES);
+    }
+    ems_srv_note_new_keys(server, conn->keys, stored);
+    COUNT(conn, puts, n);
+    COUNT(conn, put_stored, stored);
+    for (uint64_t i = 0; i < n; i++)
+        ems_put64((uint8_t *)&results[i], (uint64_t)results[i]);
+    rc = respond_ok(conn, req, results, 8 * n, NULL, 0);
+    free(r);
+    free(results);
+    return rc;
+}
+
+static int op_exists(ems_srv_conn_t *conn, const ems_frame_t *req)
+{
+    uint64_t n;
+    uint32_t arg;
+    if (parse_batch(conn, req, 0, &n, &arg) < 0 || out_room(conn, req, n) < 0)
+        return 0;
+    ems_pool_exists_many(conn->server->cfg.pool, conn->keys, n, conn->out);
+    return respond_ok(conn, req, conn->out, n, NULL, 0);
+}
+
+static int op_match_prefix(ems_srv_conn_t *conn, const ems_frame_t *req)
+{
+    uint64_t n;
+    uint32_t arg;
+    if (parse_batch(conn, req, 0, &n, &arg) < 0)
+        return 0;
+    uint8_t count[8];
+    ems_put64(count, ems_pool_match_prefix(conn->server->cfg.pool, conn->keys, n));
+    return respond_ok(conn, req, count, sizeof count, NULL, 0);
+}
+
+static int op_delete(ems_srv_conn_t *conn, const ems_frame_t *req)
+{
+    uint64_t n;
+    uint32_t arg;
+    if (parse_batch(conn, req, 0, &n, &arg) < 0 || out_room(conn, req, 8 * n) < 0)
+        return 0;
+    for (uint64_t i = 0; i < n; i++)
+        ems_put64(conn->out + 8 * i,
+                  (uint64_t)(int64_t)ems_pool_delete(conn->server->cfg.pool,
+                                                     conn->keys + i * EMS_KEY_BYTES));
+    return respond_ok(conn, req, conn->out, 8 * n, NULL, 0);
+}
+
+/* ---- directory --------------------------------------------------------------------- */
+
+static int op_dir_register(ems_srv_conn_t *conn, const ems_frame_t *req)
+{
+    uint64_t n;
+    uint32_t holder;
+    if (parse_batch(conn, req, 0, &n, &holder) < 0)
+        return 0;
+    uint8_t count[8];
+    ems_put64(count, ems_directory_register(&conn->server->dir, conn->keys, n, holder));
+    return respond_ok(conn, req, count, sizeof count, NULL, 0);
+}
+
+static int op_dir_lookup(ems_srv_conn_t *conn, const ems_frame_t *req)
+{
+    uint64_t n;
+    uint32_t arg;
+    if (parse_batch(conn, req, 0, &n, &arg) < 0 || out_room(conn, req, 4 * n) < 0)
+        return 0;
+    uint32_t *holders = (uint32_t *)(void *)conn->out;
+    ems_directory_lookup(&conn->server->dir, conn->keys, n, holders);
+    for (uint64_t i = 0; i < n; i++)
+        ems_put32(conn->out + 4 * i, holders[i]);
+    return respond_ok(conn, req, conn->out, 4 * n, NULL, 0);
+}
+
+/* ---- statistics -------------------------------------------------------------------- */
+
+static int op_stats(ems_srv_conn_t *conn, const ems_frame_t *req)
+{
+    ems_pool_stats_t p;
+    ems_server_stats_t s;
+    ems_pool_stats(conn->server->cfg.pool, &p, NULL, 0);
+    ems_server_stats(conn->server, &s);
+    if (out_room(conn, req, 2048) < 0)
+        return 0;
+    int len = snprintf(
+        (char *)conn->out, 2048,
+        "{\"node_id\":%u,\"capacity_bytes\":%llu,\"used_bytes\":%llu,\"free_bytes\":%llu,"
+        "\"blocks\":%llu,\"hits\":%llu,\"misses\":%llu,\"evictions\":%llu,\"puts\":%llu,"
+        "\"page_kind\":%u,\"connections\":%llu,\"connections_open\":%llu,"
+        "\"auth_failures\":%llu,\"bad_frames\":%llu,\"requests\":%llu,\"errors\":%llu,"
+        "\"remote_gets\":%llu,\"remote_get_hits\":%llu,\"remote_puts\":%llu,"
+        "\"bytes_in\":%llu,\"bytes_out\":%llu,\"local_puts\":%llu,"
+        "\"dir_entries\":%llu,\"dir_lookups\":%llu,\"dir_hits\":%llu}",
+        conn->server->cfg.node_id, (unsigned long long)p.capacity,
+        (unsigned long long)p.bytes_used, (unsigned long long)p.bytes_free,
+        (unsigned long long)p.blocks, (unsigned long long)p.hits,
+        (unsigned long long)p.misses, (unsigned long long)p.evictions,
+        (unsigned long long)p.puts, p.page_kind, (unsigned long long)s.connections,
+        (unsigned long long)s.connections_open, (unsigned long long)s.auth_failures,
+        (unsigned long long)s.bad_frames, (unsigned long long)s.requests,
+        (unsigned long long)s.errors, (unsigned long long)s.gets,
+        (unsigned long long)s.get_hits, (unsigned long long)s.puts,
+        (unsigned long long)s.bytes_in, (unsigned long long)s.bytes_out,
+        (unsigned long long)s.local_puts,
+        (unsigned long long)s.dir_entries, (unsigned long long)s.dir_lookups,
+        (unsigned long long)s.dir_hits);
+    return respond_ok(conn, req, conn->out, (size_t)len, NULL, 0);
+}
+
+/* ---- local socket ------------------------------------------------------------------ */
+
+static int op_local_attach(ems_srv_conn_t *conn, const ems_frame_t *req)
+{
+    ems_pool_t *pool = conn->server->cfg.pool;
+    uint8_t size[8];
+    ems_put64(size, pool->arena.size);
+    uint32_t crc = ems_crc32c(0, size, sizeof size);
+    ems_frame_t resp = {.version = conn->version, .opcode = req->opcode,
+                        .request_id = req->request_id, .payload_len = sizeof size,
+                        .payload_crc = crc, .flags = EMS_FRAME_RESPONSE};
+    uint8_t header[EMS_FRAME_HEADER_BYTES];
+    ems_frame_encode(&resp, header);
+
+    /* Header, payload and the memfd in one sendmsg, so the fd arrives with the frame. */
+    struct iovec iov[2] = {{header, sizeof header}, {size, sizeof size}};
+    union {
+        struct cmsghdr align;
+        char buf[CMSG_SPACE(sizeof(int))];
+    } control;
+    memset(&control, 0, sizeof control);
+    struct msghdr msg = {.msg_iov = iov, .msg_iovlen = 2, .msg_control = control.buf,
+                         .msg_controllen = sizeof control.buf};
+    struct cmsghdr *cmsg = CMSG_FIRSTHDR(&msg);
+    cmsg->cmsg_level = SOL_SOCKET;
+    cmsg->cmsg_type = SCM_RIGHTS;
+    cmsg->cmsg_len = CMSG_LEN(sizeof(int));
+    memcpy(CMSG_DATA(cmsg), &pool->arena.fd, sizeof(int));
+    ssize_t sent = sendmsg(conn->fd, &msg, MSG_NOSIGNAL);
+    return sent == (ssize_t)(sizeof header + sizeof size) ? 0 : -1;
+}
+
+static void drop_pending(ems_srv_conn_t *conn)
+{
+    for (uint64_t i = 0; i < conn->npending; i++)
+        if (conn->pending[i].data && !conn->pending[i].exists)
+            ems_pool_abort(conn->server->cfg.pool, &conn->pending[i]);
+    free(conn->pending);
+    free(conn->pending_keys);
+    conn->pending = NULL;
+    conn->pending_keys = NULL;
+    conn->npending = 0;
+}
+
+static int op_local_reserve(ems_srv_conn_t *conn, const ems_frame_t *req)
+{
+    uint64_t n;
+    uint32_t arg;
+    drop_pending(conn);
+    if (parse_batch(conn, req, 8, &n, &arg) < 0 || out_room(conn, req, 16 * n) < 0)
+        return 0;
+    conn->pending = calloc(n ? n : 1, sizeof *conn->pending);
+    conn->pending_keys = malloc(n ? n * EMS_KEY_BYTES : 1);
+    if (!conn->pending || !conn->pending_keys) {
+        drop_pending(conn);
+        return reject(conn, req, EMS_STATUS_INTERNAL, "out of memory");
+    }
+    memcpy(conn->pending_keys, conn->keys, n * EMS_KEY_BYTES);
+    conn->npending = n;
+
+    /* Reply: results[n] then the data offset of each slot from the arena base. */
+    ems_pool_t *pool = conn->server->cfg.pool;
+    const uint8_t *lengths = conn->in + BATCH_HEAD + n * EMS_KEY_BYTES;
+    for (uint64_t i = 0; i < n; i++) {
+        ems_reservation_t *r = &conn->pending[i];
+        int64_t rc = ems_pool_reserve(pool, conn->keys + i * EMS_KEY_BYTES,
+                                      ems_get64(lengths + 8 * i), r);
+        if (rc == 0 && r->exists)
+            rc = 1;
+        if (rc != 0)
+            r->data = NULL;
+        ems_put64(conn->out + 8 * i, (uint64_t)rc);
+        ems_put64(conn->out + 8 * (n + i), r->data ? (uint64_t)(r->data - pool->arena.base) : 0);
+    }
+    return respond_ok(conn, req, conn->out, 16 * n, NULL, 0);
+}
+
+/* Payload: u32 n, u32 0, with n the count of the pending LOCAL_RESERVE. */
+static int op_local_commit(ems_srv_conn_t *conn, const ems_frame_t *req)
+{
+    uint64_t n = req->payload_len == BATCH_HEAD ? ems_get32(conn->in) : UINT64_MAX;
+    if (n != conn->npending) {
+        drop_pending(conn);
+        return reject(conn, req, EMS_STATUS_BAD_REQUEST,
+                      "LOCAL_COMMIT does not match the pending reservation");
+    }
+    if (out_room(conn, req, 8 * n) < 0)
+        return 0;
+    uint64_t stored = 0;
+    for (uint64_t i = 0; i < n; i++) {
+        ems_reservation_t *r = &conn->pending[i];
+        int64_t rc = 1;
+        if (r->data) {
+            rc = ems_pool_commit(conn->server->cfg.pool, r);
+            r->data = NULL;
+            if (rc == 0)
+                memmove(conn->pending_keys + stored++ * EMS_KEY_BYTES,
+                        conn->pending_keys + i * EMS_KEY_BYTES, EMS_KEY_BYTES);
+        }
+        ems_put64(conn->out + 8 * i, (uint64_t)rc);
+    }
+    ems_srv_note_new_keys(conn->server, conn->pending_keys, stored);
+    drop_pending(conn);
+    COUNT(conn, local_puts, n);
+    return respond_ok(conn, req, conn->out, 8 * n, NULL, 0);
+}
+
+/* ---- dispatch ---------------------------------------------------------------------- */
+
+int ems_srv_dispatch(ems_srv_conn_t *conn, const ems_frame_t *req)
+{
+    uint16_t op = req->opcode;
+    int local_op = op >= EMS_OP_LOCAL_ATTACH;
+
+    /* Permission checks come before the payload is read: a refused frame's payload is
+     * never buffered, and the connection is closed. */
+    if (op != EMS_OP_PING && op != EMS_OP_HELLO && op != EMS_OP_AUTH && !conn->authed)
+        return refuse(conn, req, EMS_STATUS_UNAUTHENTICATED, "request before authentication");
+    if (local_op && !conn->is_local)
+        return refuse(conn, req, EMS_STATUS_BAD_REQUEST, "local operation on a TCP connection");
+    int node_op = op == EMS_OP_DIR_REGISTER;
+    int client_op = op == EMS_OP_GET || op == EMS_OP_PUT || op == EMS_OP_EXISTS ||
+                    op == EMS_OP_MATCH_PREFIX || op == EMS_OP_DELETE || local_op;
+    if (node_op && conn->role != EMS_ROLE_NODE)
+        return refuse(conn, req, EMS_STATUS_UNAUTHENTICATED, "directory registration needs the node role");
+    if (client_op && conn->role != EMS_ROLE_CLIENT)
+        return refuse(conn, req, EMS_STATUS_BAD_REQUEST, "block operation on a node connection");
+
+    if (op == EMS_OP_PUT)
+        return op_put(conn, req);
+    int rc = ems_srv_read_payload(conn, req);
+    if (rc == -EBADMSG)
+        return reject(conn, req, EMS_STATUS_BAD_REQUEST, "payload checksum mismatch");
+    if (rc < 0)
+        return -1;
+
+    switch (op) {
+    case EMS_OP_PING: {
+        struct iovec echo = {conn->in, req->payload_len};
+        return ems_srv_respond(conn, req, EMS_STATUS_OK, &echo, req->payload_len ? 1 : 0) < 0 ? -1 : 0;
+    }
+    case EMS_OP_HELLO: return op_hello(conn, req);
+    case EMS_OP_AUTH: return op_auth(conn, req);
+    case EMS_OP_GET: return op_get(conn, req);
+    case EMS_OP_EXISTS: return op_exists(conn, req);
+    case EMS_OP_MATCH_PREFIX: return op_match_prefix(conn, req);
+    case EMS_OP_DELETE: return op_delete(conn, req);
+    case EMS_OP_DIR_REGISTER: return op_dir_register(conn, req);
+    case EMS_OP_DIR_LOOKUP: return op_dir_lookup(conn, req);
+    case EMS_OP_STATS: return op_stats(conn, req);
+    case EMS_OP_LOCAL_ATTACH: return op_local_attach(conn, req);
+    case EMS_OP_LOCAL_RESERVE: return op_local_reserve(conn, req);
+    case EMS_OP_LOCAL_COMMIT: return op_local_commit(conn, req);
+    default: return refuse(conn, req, EMS_STATUS_BAD_REQUEST, "unknown opcode");
+    }
+}

@@ -1,0 +1,514 @@
+# Bindings of the transfer engine (csrc/transfer.h), included into ems/_core.pyx so that
+# they share its buffer helpers. Thin: argument checks, GIL released around every network
+# call, C errors turned into ems.errors exceptions. Routing and retries live in ems.client.
+
+from libc.string cimport strlen
+from posix.mman cimport MAP_FAILED, MAP_SHARED, PROT_READ, PROT_WRITE, mmap, munmap
+from posix.unistd cimport close as c_close
+
+import json
+
+from ems.errors import AuthenticationError, ProtocolVersionError, TransferError
+
+
+cdef extern from "transfer.h":
+    ctypedef struct ems_server_t:
+        pass
+    ctypedef struct ems_conn_t:
+        pass
+
+    ctypedef struct ems_server_config_t:
+        ems_pool_t *pool
+        const char *host
+        uint16_t port
+        const char *unix_path
+        const uint8_t *secret
+        size_t secret_len
+        uint32_t node_id
+        uint32_t max_payload
+        uint32_t max_connections
+        uint32_t directory_capacity
+        uint32_t idle_timeout_ms
+        uint32_t io_timeout_ms
+
+    ctypedef struct ems_server_stats_t:
+        uint64_t connections, connections_open, refused_busy, auth_failures
+        uint64_t bad_frames, requests, errors
+        uint64_t gets, get_hits, get_misses, puts, put_stored, bytes_in, bytes_out
+        uint64_t local_puts
+        uint64_t dir_entries, dir_registered, dir_lookups, dir_hits, dir_evictions
+
+    ctypedef struct ems_conn_config_t:
+        const char *host
+        uint16_t port
+        const char *unix_path
+        const uint8_t *secret
+        size_t secret_len
+        const char *tenant
+        uint16_t role
+        uint32_t max_payload
+        uint32_t timeout_ms
+
+    void ems_tenant_salt(const char *tenant, size_t len, uint8_t *salt) nogil
+    void ems_tenant_keys(const uint8_t *salt, const uint8_t *keys, uint64_t n, uint8_t *out) nogil
+
+    int ems_server_start(const ems_server_config_t *config, ems_server_t **out) nogil
+    uint16_t ems_server_port(const ems_server_t *server) nogil
+    void ems_server_stop(ems_server_t *server) nogil
+    void ems_server_stats(ems_server_t *server, ems_server_stats_t *stats) nogil
+    size_t ems_server_take_log(ems_server_t *server, char *buf, size_t len) nogil
+    uint64_t ems_server_take_new_keys(ems_server_t *server, uint8_t *out, uint64_t max,
+                                      uint64_t *dropped) nogil
+    uint64_t ems_server_dir_register(ems_server_t *server, const uint8_t *keys, uint64_t n,
+                                     uint32_t holder) nogil
+    uint64_t ems_server_dir_forget(ems_server_t *server, uint32_t holder) nogil
+    void ems_server_dir_lookup(ems_server_t *server, const uint8_t *keys, uint64_t n,
+                               uint32_t *holders) nogil
+
+    int ems_conn_open(const ems_conn_config_t *config, ems_conn_t **out, char *error,
+                      size_t error_len) nogil
+    void ems_conn_close(ems_conn_t *conn) nogil
+    int ems_conn_alive(const ems_conn_t *conn) nogil
+    uint16_t ems_conn_version(const ems_conn_t *conn) nogil
+    int ems_conn_get_many(ems_conn_t *conn, const uint8_t *keys, uint64_t n, void *const *dsts,
+                          const uint64_t *lengths, int64_t *results, uint32_t timeout_ms) nogil
+    int ems_conn_put_many(ems_conn_t *conn, const uint8_t *keys, uint64_t n,
+                          const void *const *srcs, const uint64_t *lengths, int64_t *results,
+                          uint32_t timeout_ms) nogil
+    int ems_conn_exists_many(ems_conn_t *conn, const uint8_t *keys, uint64_t n, uint8_t *out,
+                             uint32_t timeout_ms) nogil
+    int ems_conn_match_prefix(ems_conn_t *conn, const uint8_t *keys, uint64_t n,
+                              uint64_t *count, uint32_t timeout_ms) nogil
+    int ems_conn_delete_many(ems_conn_t *conn, const uint8_t *keys, uint64_t n,
+                             int64_t *results, uint32_t timeout_ms) nogil
+    int ems_conn_dir_register(ems_conn_t *conn, const uint8_t *stored_keys, uint64_t n,
+                              uint32_t holder, uint32_t timeout_ms) nogil
+    int ems_conn_dir_lookup(ems_conn_t *conn, const uint8_t *keys, uint64_t n,
+                            uint32_t *holders, uint32_t timeout_ms) nogil
+    int ems_conn_stats(ems_conn_t *conn, char *buf, size_t len, uint32_t timeout_ms) nogil
+    int ems_conn_ping(ems_conn_t *conn, uint32_t timeout_ms) nogil
+    int ems_conn_local_attach(ems_conn_t *conn, int *fd, uint32_t timeout_ms) nogil
+    int ems_conn_local_put_many(ems_conn_t *conn, uint8_t *base, uint64_t map_size,
+                                const uint8_t *keys, uint64_t n, const void *const *srcs,
+                                const uint64_t *lengths, int64_t *results,
+                                uint32_t timeout_ms) nogil
+
+
+ROLES = {"client": 0, "node": 1}
+HOLDER_NONE = 0xffffffff
+DEFAULT_MAX_PAYLOAD = 64 << 20
+
+
+def tenant_keys(str tenant, keys):
+    """Return the stored keys (n x 32 bytes) a daemon keeps `keys` under for `tenant`."""
+    cdef KeyBatch batch = KeyBatch(keys)
+    cdef uint8_t salt[32]
+    cdef bytes name = _tenant_bytes(tenant)
+    cdef bytes out = PyBytes_FromStringAndSize(NULL, batch.n * 32)
+    cdef uint8_t *dst = <uint8_t *>PyBytes_AS_STRING(out)
+    ems_tenant_salt(name, len(name), salt)
+    with nogil:
+        ems_tenant_keys(salt, batch.data, batch.n, dst)
+    return out
+
+
+cdef bytes _tenant_bytes(str tenant):
+    name = tenant.encode("ascii", "replace")
+    if not 1 <= len(name) <= 64 or any(c < 0x21 or c > 0x7e for c in name):
+        raise ValueError(f"tenant {tenant!r} is invalid: use 1 to 64 printable ASCII "
+                         "characters without spaces")
+    return name
+
+
+cdef object _transfer_error(int rc, str what):
+    if rc == -EACCES:
+        return AuthenticationError(-rc, what)
+    if rc == -EPROTONOSUPPORT:
+        return ProtocolVersionError(-rc, what)
+    return TransferError(-rc, what)
+
+
+cdef class Server:
+    """The transfer server of one pool: serves it over TCP (and a Unix socket for clients
+    on this host) on C threads. Stop it before closing the pool; Pool.close stops it."""
+    cdef ems_server_t *server
+    cdef _CorePool pool
+    cdef readonly uint32_t node_id
+
+    def __cinit__(self):
+        self.server = NULL
+
+    def __init__(self, _CorePool pool, str host="127.0.0.1", int port=0, unix_path=None,
+                 secret=None, uint32_t node_id=0, uint32_t max_payload=DEFAULT_MAX_PAYLOAD,
+                 uint32_t max_connections=256, uint32_t directory_capacity=1 << 20,
+                 uint32_t idle_timeout_ms=0, uint32_t io_timeout_ms=30000):
+        cdef ems_server_config_t cfg
+        cdef int rc
+        pool._check_open()
+        if not pool.pool.owner:
+            raise ValueError("a server needs the owner handle of its pool, not an attached one")
+        if not 0 <= port <= 65535:
+            raise ValueError(f"port {port} is out of range 0..65535")
+        cdef bytes host_b = host.encode()
+        cdef bytes path_b = os.fsencode(unix_path) if unix_path else None
+        cdef bytes secret_b = bytes(secret) if secret else None
+        cfg.pool = &pool.pool
+        cfg.host = host_b
+        cfg.port = port
+        cfg.unix_path = NULL
+        cfg.secret = NULL
+        cfg.secret_len = 0
+        if path_b is not None:
+            cfg.unix_path = path_b
+        if secret_b is not None:
+            cfg.secret = secret_b
+            cfg.secret_len = len(secret_b)
+        cfg.node_id = node_id
+        cfg.max_payload = max_payload
+        cfg.max_connections = max_connections
+        cfg.directory_capacity = directory_capacity
+        cfg.idle_timeout_ms = idle_timeout_ms
+        cfg.io_timeout_ms = io_timeout_ms
+        with nogil:
+            rc = ems_server_start(&cfg, &self.server)
+        if rc != 0:
+            self.server = NULL
+            where = f"{host}:{port}" + (f" and {unix_path}" if unix_path else "")
+            raise TransferError(-rc, f"cannot serve on {where}: {_errno_name(rc)}")
+        self.pool = pool
+        self.node_id = node_id
+        pool._servers.add(self)
+
+    def __dealloc__(self):
+        if self.server != NULL:
+            with nogil:
+                ems_server_stop(self.server)
+            self.server = NULL
+
+    @property
+    def port(self):
+        """TCP port the server listens on."""
+        self._check()
+        return ems_server_port(self.server)
+
+    @property
+    def running(self):
+        return self.server != NULL
+
+    cdef int _check(self) except -1:
+        if self.server == NULL:
+            raise TransferError(0, "the server is stopped")
+        return 0
+
+    def stop(self):
+        """Close every connection and join the server's threads. Stopping twice does nothing."""
+        if self.server == NULL:
+            return
+        with nogil:
+            ems_server_stop(self.server)
+        self.server = NULL
+        self.pool._servers.discard(self)
+
+    def stats(self):
+        cdef ems_server_stats_t s
+        self._check()
+        ems_server_stats(self.server, &s)
+        return s
+
+    def take_log(self):
+        """Lines the server logged since the last call (errors it survived)."""
+        cdef char buf[16384]
+        cdef size_t n
+        self._check()
+        lines = []
+        while True:
+            n = ems_server_take_log(self.server, buf, sizeof(buf))
+            if n == 0:
+                return lines
+            lines.extend(buf[:n].decode("utf-8", "replace").splitlines())
+
+    def take_new_keys(self, uint64_t max_keys=65536):
+        """(stored keys committed since the last call as n x 32 bytes, keys dropped)."""
+        cdef uint64_t dropped = 0, n
+        self._check()
+        cdef bytes out = PyBytes_FromStringAndSize(NULL, max_keys * 32)
+        cdef uint8_t *dst = <uint8_t *>PyBytes_AS_STRING(out)
+        with nogil:
+            n = ems_server_take_new_keys(self.server, dst, max_keys, &dropped)
+        return out[:n * 32], dropped
+
+    def dir_register(self, stored_keys, uint32_t holder):
+        cdef KeyBatch batch = KeyBatch(stored_keys)
+        self._check()
+        with nogil:
+            ems_server_dir_register(self.server, batch.data, batch.n, holder)
+
+    def dir_forget(self, uint32_t holder):
+        """Drop every directory entry of a lost holder; returns how many."""
+        self._check()
+        return ems_server_dir_forget(self.server, holder)
+
+    def dir_lookup(self, stored_keys):
+        """Holder id of each stored key, HOLDER_NONE where unknown."""
+        cdef KeyBatch batch = KeyBatch(stored_keys)
+        self._check()
+        cdef bytes out = PyBytes_FromStringAndSize(NULL, max(batch.n, 1) * 4)
+        cdef uint32_t *dst = <uint32_t *>PyBytes_AS_STRING(out)
+        with nogil:
+            ems_server_dir_lookup(self.server, batch.data, batch.n, dst)
+        return list(memoryview(out).cast("I"))[:batch.n]
+
+
+cdef class Connection:
+    """One authenticated connection to a daemon, over TCP or its Unix socket.
+
+    Not thread-safe: use one per thread (ems.client keeps a pool per peer). Every call
+    takes a deadline in milliseconds; a transport failure raises TransferError and closes
+    the connection (`alive` turns False)."""
+    cdef ems_conn_t *conn
+    cdef readonly str address
+    cdef uint8_t *map_base
+    cdef uint64_t map_size
+
+    def __cinit__(self):
+        self.conn = NULL
+        self.map_base = NULL
+
+    def __init__(self, host=None, int port=0, unix_path=None, secret=None,
+                 str tenant="default", str role="client",
+                 uint32_t max_payload=DEFAULT_MAX_PAYLOAD, uint32_t timeout_ms=2000):
+        cdef ems_conn_config_t cfg
+        cdef char error[256]
+        cdef int rc
+        if role not in ROLES:
+            raise ValueError(f"role must be one of {sorted(ROLES)}, got {role!r}")
+        if (host is None) == (unix_path is None):
+            raise ValueError("give either host and port or unix_path")
+        cdef bytes tenant_b = _tenant_bytes(tenant)
+        cdef bytes host_b = host.encode() if host is not None else None
+        cdef bytes path_b = os.fsencode(unix_path) if unix_path is not None else None
+        cdef bytes secret_b = bytes(secret) if secret else None
+        self.address = unix_path if unix_path is not None else f"{host}:{port}"
+        cfg.host = NULL
+        cfg.unix_path = NULL
+        cfg.secret = NULL
+        cfg.secret_len = 0
+        if host_b is not None:
+            cfg.host = host_b
+        if path_b is not None:
+            cfg.unix_path = path_b
+        if secret_b is not None:
+            cfg.secret = secret_b
+            cfg.secret_len = len(secret_b)
+        cfg.port = port
+        cfg.tenant = tenant_b
+        cfg.role = ROLES[role]
+        cfg.max_payload = max_payload
+        cfg.timeout_ms = timeout_ms
+        with nogil:
+            rc = ems_conn_open(&cfg, &self.conn, error, sizeof(error))
+        if rc != 0:
+            self.conn = NULL
+            raise _transfer_error(rc, f"{self.address}: {error.decode('utf-8', 'replace')}")
+
+    def __dealloc__(self):
+        self._release()
+
+    cdef void _release(self):
+        if self.map_base != NULL:
+            munmap(self.map_base, self.map_size)
+            self.map_base = NULL
+        if self.conn != NULL:
+            ems_conn_close(self.conn)
+            self.conn = NULL
+
+    def close(self):
+        self._release()
+
+    @property
+    def alive(self):
+        return self.conn != NULL and ems_conn_alive(self.conn)
+
+    @property
+    def version(self):
+        """Protocol version agreed with the server."""
+        return ems_conn_version(self.conn) if self.conn != NULL else 0
+
+    cdef int _check(self, int rc, str what) except -1:
+        if rc < 0:
+            raise _transfer_error(rc, f"{what} on {self.address} failed: {_errno_name(rc)}")
+        return 0
+
+    cdef int _open(self) except -1:
+        if self.conn == NULL or not ems_conn_alive(self.conn):
+            raise TransferError(ENOTCONN, f"connection to {self.address} is closed")
+        return 0
+
+    def get_many_into(self, keys, buffers, uint32_t timeout_ms=1000):
+        """Copy each block into its buffer (a list, one per key). Returns per key the
+        block length, or a negative errno (-ENOENT miss, -EMSGSIZE other length)."""
+        cdef KeyBatch batch = KeyBatch(keys)
+        cdef Py_ssize_t n = batch.n, i, acquired = 0
+        cdef Span *spans
+        cdef void **dsts
+        cdef uint64_t *lengths
+        cdef int64_t *results
+        cdef int rc
+        self._open()
+        if len(buffers) != n:
+            raise ValueError(f"get_many_into got {n} keys but {len(buffers)} buffers")
+        spans = <Span *>malloc(max(n, 1) * (sizeof(Span) + sizeof(void *) + 16))
+        if spans == NULL:
+            raise MemoryError(f"cannot allocate a batch of {n}")
+        dsts = <void **>(spans + max(n, 1))
+        lengths = <uint64_t *>(dsts + max(n, 1))
+        results = <int64_t *>(lengths + max(n, 1))
+        try:
+            for i in range(n):
+                span_acquire(buffers[i], &spans[i], True, f"destination buffer {i}")
+                acquired += 1
+                dsts[i] = spans[i].ptr
+                lengths[i] = spans[i].size
+            with nogil:
+                rc = ems_conn_get_many(self.conn, batch.data, n, dsts, lengths, results,
+                                       timeout_ms)
+            self._check(rc, "GET")
+            return [results[i] for i in range(n)]
+        finally:
+            for i in range(acquired):
+                span_release(&spans[i])
+            free(spans)
+
+    def put_many(self, keys, datas, uint32_t timeout_ms=1000):
+        """Store datas[i] under keys[i]. Returns per key 0 (stored), 1 (already stored) or
+        a negative errno."""
+        cdef KeyBatch batch = KeyBatch(keys)
+        cdef Py_ssize_t n = batch.n, i, acquired = 0
+        cdef Span *spans
+        cdef const void **srcs
+        cdef uint64_t *lengths
+        cdef int64_t *results
+        cdef int rc
+        self._open()
+        if len(datas) != n:
+            raise ValueError(f"put_many got {n} keys but {len(datas)} data buffers")
+        spans = <Span *>malloc(max(n, 1) * (sizeof(Span) + sizeof(void *) + 16))
+        if spans == NULL:
+            raise MemoryError(f"cannot allocate a batch of {n}")
+        srcs = <const void **>(spans + max(n, 1))
+        lengths = <uint64_t *>(srcs + max(n, 1))
+        results = <int64_t *>(lengths + max(n, 1))
+        try:
+            for i in range(n):
+                span_acquire(datas[i], &spans[i], False, f"data {i} of the batch")
+                acquired += 1
+                srcs[i] = spans[i].ptr
+                lengths[i] = spans[i].size
+            with nogil:
+                if self.map_base != NULL:
+                    rc = ems_conn_local_put_many(self.conn, self.map_base, self.map_size,
+                                                 batch.data, n, srcs, lengths, results,
+                                                 timeout_ms)
+                else:
+                    rc = ems_conn_put_many(self.conn, batch.data, n, srcs, lengths, results,
+                                           timeout_ms)
+            self._check(rc, "PUT")
+            return [results[i] for i in range(n)]
+        finally:
+            for i in range(acquired):
+                span_release(&spans[i])
+            free(spans)
+
+    def exists_many(self, keys, uint32_t timeout_ms=1000):
+        """List of booleans, one per key."""
+        cdef KeyBatch batch = KeyBatch(keys)
+        cdef int rc
+        self._open()
+        cdef bytes out = PyBytes_FromStringAndSize(NULL, max(batch.n, 1))
+        cdef uint8_t *dst = <uint8_t *>PyBytes_AS_STRING(out)
+        with nogil:
+            rc = ems_conn_exists_many(self.conn, batch.data, batch.n, dst, timeout_ms)
+        self._check(rc, "EXISTS")
+        return [bool(b) for b in out[:batch.n]]
+
+    def match_prefix(self, keys, uint32_t timeout_ms=1000):
+        """Number of leading keys stored on this server."""
+        cdef KeyBatch batch = KeyBatch(keys)
+        cdef uint64_t count = 0
+        cdef int rc
+        self._open()
+        with nogil:
+            rc = ems_conn_match_prefix(self.conn, batch.data, batch.n, &count, timeout_ms)
+        self._check(rc, "MATCH_PREFIX")
+        return count
+
+    def delete_many(self, keys, uint32_t timeout_ms=1000):
+        cdef KeyBatch batch = KeyBatch(keys)
+        cdef int64_t *results = <int64_t *>malloc(max(batch.n, 1) * 8)
+        cdef int rc
+        if results == NULL:
+            raise MemoryError(f"cannot allocate a batch of {batch.n}")
+        try:
+            self._open()
+            with nogil:
+                rc = ems_conn_delete_many(self.conn, batch.data, batch.n, results, timeout_ms)
+            self._check(rc, "DELETE")
+            return [results[i] for i in range(batch.n)]
+        finally:
+            free(results)
+
+    def dir_register(self, stored_keys, uint32_t holder, uint32_t timeout_ms=1000):
+        """Node role: register stored keys held by `holder` at this directory shard."""
+        cdef KeyBatch batch = KeyBatch(stored_keys)
+        cdef int rc
+        self._open()
+        with nogil:
+            rc = ems_conn_dir_register(self.conn, batch.data, batch.n, holder, timeout_ms)
+        self._check(rc, "DIR_REGISTER")
+
+    def dir_lookup(self, keys, uint32_t timeout_ms=1000):
+        """Holder id of each key at this directory shard (HOLDER_NONE where unknown)."""
+        cdef KeyBatch batch = KeyBatch(keys)
+        cdef int rc
+        self._open()
+        cdef bytes out = PyBytes_FromStringAndSize(NULL, max(batch.n, 1) * 4)
+        cdef uint32_t *dst = <uint32_t *>PyBytes_AS_STRING(out)
+        with nogil:
+            rc = ems_conn_dir_lookup(self.conn, batch.data, batch.n, dst, timeout_ms)
+        self._check(rc, "DIR_LOOKUP")
+        return list(memoryview(out).cast("I"))[:batch.n]
+
+    def stats(self, uint32_t timeout_ms=1000):
+        """The server's statistics as a dict."""
+        cdef char buf[4096]
+        cdef int rc
+        self._open()
+        with nogil:
+            rc = ems_conn_stats(self.conn, buf, sizeof(buf), timeout_ms)
+        self._check(rc, "STATS")
+        return json.loads(buf[:strlen(buf)].decode())
+
+    def ping(self, uint32_t timeout_ms=1000):
+        cdef int rc
+        self._open()
+        with nogil:
+            rc = ems_conn_ping(self.conn, timeout_ms)
+        self._check(rc, "PING")
+
+    def local_attach(self, uint32_t timeout_ms=1000):
+        """Local socket only: receive the pool's memfd and map it read-write, so that
+        put_many copies straight into reserved slots. Returns the fd (the caller owns it)."""
+        cdef int fd = -1, rc
+        cdef void *base
+        self._open()
+        with nogil:
+            rc = ems_conn_local_attach(self.conn, &fd, timeout_ms)
+        self._check(rc, "LOCAL_ATTACH")
+        size = os.fstat(fd).st_size
+        base = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0)
+        if base == MAP_FAILED:
+            c_close(fd)
+            raise TransferError(ENOMEM, f"cannot map the pool of {self.address}")
+        self.map_base = <uint8_t *>base
+        self.map_size = size
+        return fd
