@@ -177,3 +177,20 @@ uint64_t ems_pool_max_block(const ems_pool_t *pool)
 {
     return pool->layout->slab_size;
 }
+
+uint64_t ems_pool_keys(ems_pool_t *pool, uint64_t *cursor, uint8_t *out, uint64_t max)
+{
+    if (!pool->owner)
+        return 0;
+    uint64_t n = 0, i = *cursor;
+    pthread_mutex_lock(&pool->lock);
+    for (; i < pool->layout->nentries && n < max; i++) {
+        const ems_entry_t *e = &pool->entries[i];
+        if (EMS_ENTRY_STATE(atomic_load_explicit(&e->flags, memory_order_relaxed)) ==
+            EMS_ENTRY_COMMITTED)
+            memcpy(out + n++ * EMS_KEY_BYTES, e->key, EMS_KEY_BYTES);
+    }
+    pthread_mutex_unlock(&pool->lock);
+    *cursor = i;
+    return n;
+}

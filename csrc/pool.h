@@ -147,6 +147,13 @@ uint64_t ems_pool_get_many(ems_pool_t *pool, const uint8_t *keys, uint64_t n,
 uint64_t ems_pool_exists_many(ems_pool_t *pool, const uint8_t *keys, uint64_t n,
                               uint8_t *out);
 
+/* Copies up to `max` keys of committed blocks into out, scanning the entry table from
+ * *cursor (start at 0) and advancing it; the scan is over when *cursor reaches max_blocks.
+ * Owner only (0 on an attached pool). Takes the pool mutex for the call, so callers walk
+ * a large pool in chunks. Blocks committed or evicted during a walk may be missed or
+ * listed. */
+uint64_t ems_pool_keys(ems_pool_t *pool, uint64_t *cursor, uint8_t *out, uint64_t max);
+
 /* ---- statistics ----------------------------------------------------------------- */
 
 typedef struct ems_class_stats {

@@ -8,6 +8,8 @@
 from ems import errors
 from ems._core import KEY_BYTES, Reservation, crc32c, default_slab_size
 from ems.pool import Pool
+from ems.client import connect
 
-__all__ = ["KEY_BYTES", "Pool", "Reservation", "crc32c", "default_slab_size", "errors"]
+__all__ = ["KEY_BYTES", "Pool", "Reservation", "connect", "crc32c", "default_slab_size",
+           "errors"]
 __version__ = "0.1.0"

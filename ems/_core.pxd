@@ -84,5 +84,7 @@ cdef extern from "pool.h":
     uint64_t ems_pool_exists_many(ems_pool_t *pool, const uint8_t *keys, uint64_t n,
                                   uint8_t *out) nogil
 
+    uint64_t ems_pool_keys(ems_pool_t *pool, uint64_t *cursor, uint8_t *out, uint64_t max) nogil
+
     int ems_pool_stats(ems_pool_t *pool, ems_pool_stats_t *stats, ems_class_stats_t *classes,
                        uint32_t max_classes) nogil

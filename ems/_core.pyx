@@ -767,6 +767,28 @@ cdef class _CorePool:
 
     # -- statistics --
 
+    def keys(self, uint64_t chunk=65536):
+        """Yield the keys of stored blocks, n x 32 bytes per chunk (owner only). Blocks
+        stored or evicted during the walk may be missed or listed."""
+        cdef uint64_t cursor = 0, n, total
+        cdef bytes out
+        cdef uint8_t *dst
+        self._check_open()
+        total = self.stats()["max_blocks"]
+        while cursor < total:
+            out = PyBytes_FromStringAndSize(NULL, chunk * 32)
+            dst = <uint8_t *>PyBytes_AS_STRING(out)
+            self._enter()
+            try:
+                with nogil:
+                    n = ems_pool_keys(&self.pool, &cursor, dst, chunk)
+            finally:
+                self._leave()
+            if n:
+                yield out[:n * 32]
+            if not self.pool.owner:
+                return
+
     def stats(self):
         """Counters and usage as a plain dict (see docs/architecture.md for each field)."""
         cdef ems_pool_stats_t s

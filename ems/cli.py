@@ -1,5 +1,6 @@
 """The `ems` command: one entry point for EMS's tools.
 
+    ems serve ...                  run a node daemon (python -m ems.serve)
     ems replay --model DIR ...     multi-turn replay through vLLM (python -m ems.replay)
     ems build-model DIR ...        the local random-weight model (python -m ems.tools.build_model)
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 import sys
 
 SUBCOMMANDS = {
+    "serve": ("ems.serve", "run a node daemon: DRAM pool, transfer server, directory shard"),
     "replay": ("ems.replay.__main__", "multi-turn replay of real conversations through vLLM"),
     "build-model": ("ems.tools.build_model", "build the small random-weight model and tokenizer"),
 }

@@ -1,0 +1,530 @@
+"""ems.connect: one client API over an embedded pool, a local daemon, or a cluster.
+
+Every mode offers the calls of ems.Pool that engines use (put, get_into, exists,
+match_prefix, their batch forms, delete) plus futures-returning variants. In the daemon
+modes the cache rules hold: a peer that is down, slow or refusing costs at most the
+deadline and turns into misses (logged), never an exception into the engine.
+
+Routing in cluster mode (see docs/cluster.md):
+  read   local pool through shared memory -> directory shards of the missed keys (one
+         batched call per shard) -> holders (one batched call per holder);
+  write  the local daemon when it has room, else the owner of each key by capacity-weighted
+         rendezvous hashing; holders announce new keys to the directory themselves.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import numpy as np
+
+from ems import _core
+from ems.cluster.membership import Membership, NodeRecord, open_membership
+from ems.cluster.placement import Node, owners
+from ems.errors import TransferError
+from ems.pool import Pool
+
+logger = logging.getLogger(__name__)
+
+MODES = ("embedded", "local", "cluster")
+HOLDER_NONE = _core.HOLDER_NONE
+BATCH_BYTES = 16 << 20        # data bytes per network call; below the 64 MiB frame limit
+PEER_BACKOFF_S = 1.0          # a failed peer is skipped this long before a new attempt
+
+
+def connect(mode: str | None = None, *, capacity_bytes: int | None = None,
+            socket_path: str | None = None, zookeeper: str | None = None,
+            peers: str | None = None, cluster: str = "default", secret: bytes | None = None,
+            tenant: str | None = None, timeout_ms: int = 1000, **pool_options):
+    """Return a client. Settings left out come from the environment:
+
+    mode            EMS_MODE: "embedded" (a pool in this process), "local" (the daemon on
+                    this host, through EMS_SOCKET) or "cluster" (EMS_ZOOKEEPER or EMS_PEERS,
+                    plus the local daemon when EMS_SOCKET is set). Default: "cluster" when
+                    ZooKeeper or peers are given, "local" when a socket is, else "embedded".
+    secret          EMS_SECRET, or the contents of the file EMS_SECRET_FILE.
+    tenant          EMS_TENANT, default "default".
+    """
+    env = os.environ
+    socket_path = socket_path or env.get("EMS_SOCKET") or None
+    zookeeper = zookeeper or env.get("EMS_ZOOKEEPER") or None
+    peers = peers or env.get("EMS_PEERS") or None
+    tenant = tenant or env.get("EMS_TENANT") or "default"
+    secret = secret if secret is not None else load_secret()
+    mode = mode or env.get("EMS_MODE") or (
+        "cluster" if zookeeper or peers else "local" if socket_path else "embedded")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+
+    if mode == "embedded":
+        if capacity_bytes is None:
+            raise ValueError("embedded mode needs capacity_bytes (the pool size in bytes)")
+        return EmbeddedClient(Pool(capacity_bytes, **pool_options))
+    if mode == "local":
+        if not socket_path:
+            raise ValueError("local mode needs socket_path (or EMS_SOCKET): the daemon's "
+                             "Unix socket")
+        return ClusterClient(None, socket_path=socket_path, secret=secret, tenant=tenant,
+                             timeout_ms=timeout_ms)
+    if not zookeeper and not peers:
+        raise ValueError("cluster mode needs zookeeper (EMS_ZOOKEEPER) or peers (EMS_PEERS)")
+    membership = open_membership(zookeeper, peers, cluster)
+    return ClusterClient(membership, socket_path=socket_path, secret=secret, tenant=tenant,
+                         timeout_ms=timeout_ms)
+
+
+def load_secret() -> bytes | None:
+    """The cluster secret from EMS_SECRET or the file named by EMS_SECRET_FILE, or None."""
+    if os.environ.get("EMS_SECRET"):
+        return os.environ["EMS_SECRET"].encode()
+    path = os.environ.get("EMS_SECRET_FILE")
+    if path:
+        with open(path, "rb") as f:
+            return f.read().strip()
+    return None
+
+
+class _AsyncCalls:
+    """Futures-returning variants of the batch calls, run on a small thread pool (the C
+    calls release the GIL, so they overlap with the caller's work)."""
+
+    _executor: ThreadPoolExecutor | None = None
+
+    def _submit(self, fn, *args) -> Future:
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="ems-client")
+        return self._executor.submit(fn, *args)
+
+    def put_many_async(self, keys, datas) -> Future:
+        return self._submit(self.put_many, keys, datas)
+
+    def get_many_into_async(self, keys, buffers) -> Future:
+        return self._submit(self.get_many_into, keys, buffers)
+
+    def exists_many_async(self, keys) -> Future:
+        return self._submit(self.exists_many, keys)
+
+    def match_prefix_async(self, keys) -> Future:
+        return self._submit(self.match_prefix, keys)
+
+    def _close_executor(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+
+
+class EmbeddedClient(_AsyncCalls):
+    """The client API over an ems.Pool owned by this process."""
+
+    mode = "embedded"
+
+    def __init__(self, pool: Pool):
+        self.pool = pool
+
+    def put(self, key, data) -> bool:
+        return self.pool.put(key, data)
+
+    def put_many(self, keys, datas) -> int:
+        return self.pool.put_many(keys, datas)
+
+    def get_into(self, key, buffer) -> bool:
+        return self.pool.get_into(key, buffer)
+
+    def get_many_into(self, keys, buffers) -> list[bool]:
+        return self.pool.get_many_into(keys, buffers)
+
+    def exists(self, key) -> bool:
+        return self.pool.exists(key)
+
+    def exists_many(self, keys) -> list[bool]:
+        return self.pool.exists_many(keys)
+
+    def match_prefix(self, keys) -> int:
+        return self.pool.match_prefix(keys)
+
+    def delete(self, key) -> bool:
+        return self.pool.delete(key)
+
+    def protect(self, keys) -> int:
+        return self.pool.protect(keys)
+
+    def unprotect(self, keys) -> int:
+        return self.pool.unprotect(keys)
+
+    def stats(self) -> dict:
+        return {"mode": self.mode, "pool": self.pool.stats()}
+
+    def close(self) -> None:
+        self._close_executor()
+        self.pool.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+
+class _Peer:
+    """Connections to one daemon, reused across calls; a failure closes the connection
+    and makes the peer skipped for PEER_BACKOFF_S."""
+
+    def __init__(self, record: NodeRecord, client: "ClusterClient"):
+        self.record = record
+        self.client = client
+        self.idle: list = []
+        self.lock = threading.Lock()
+        self.down_until = 0.0
+
+    def call(self, method: str, *args):
+        """Run Connection.<method>(*args) on a pooled connection. Raises TransferError."""
+        if time.monotonic() < self.down_until:
+            raise TransferError(0, f"node {self.record.node_id} is backing off after a failure")
+        with self.lock:
+            conn = self.idle.pop() if self.idle else None
+        try:
+            if conn is None:
+                conn = _core.Connection(self.record.host, self.record.port,
+                                        secret=self.client.secret, tenant=self.client.tenant,
+                                        timeout_ms=self.client.timeout_ms)
+            result = getattr(conn, method)(*args, timeout_ms=self.client.timeout_ms)
+        except TransferError:
+            self.down_until = time.monotonic() + PEER_BACKOFF_S
+            if conn is not None:
+                conn.close()
+            raise
+        with self.lock:
+            self.idle.append(conn)
+        return result
+
+    def close(self) -> None:
+        with self.lock:
+            for conn in self.idle:
+                conn.close()
+            self.idle.clear()
+
+
+class ClusterClient(_AsyncCalls):
+    """The client API over the daemons of a cluster (or only the local daemon).
+
+    Counters in stats(): local_hits (served through shared memory), remote_hits,
+    misses, local_puts, remote_puts, peer_errors."""
+
+    def __init__(self, membership: Membership | None, *, socket_path: str | None = None,
+                 secret: bytes | None = None, tenant: str = "default",
+                 timeout_ms: int = 1000):
+        self.membership = membership
+        self.secret = secret
+        self.tenant = tenant
+        self.timeout_ms = timeout_ms
+        self.mode = "cluster" if membership is not None else "local"
+        self.counters = dict(local_hits=0, remote_hits=0, misses=0, local_puts=0,
+                             remote_puts=0, peer_errors=0)
+        self._peers: dict[str, _Peer] = {}
+        self._lock = threading.Lock()
+        self._local_lock = threading.Lock()
+        self._local = None
+        self._reader = None
+        self._local_node_id = None
+        self._last_error_log = 0.0
+
+        socket_path = socket_path or self._find_local_socket()
+        if socket_path:
+            self._attach_local(socket_path)
+
+    # -- set-up --
+
+    def _find_local_socket(self) -> str | None:
+        if self.membership is None:
+            return None
+        host = socket.gethostname()
+        for record in self.membership.nodes().values():
+            if record.hostname == host and record.local_socket and \
+                    os.path.exists(record.local_socket):
+                return record.local_socket
+        return None
+
+    def _attach_local(self, socket_path: str) -> None:
+        """Connect to the daemon's Unix socket, map its pool (read-write, to fill
+        reservations) and attach a reader for shared-memory gets."""
+        self._local = _core.Connection(unix_path=socket_path, secret=self.secret,
+                                       tenant=self.tenant, timeout_ms=self.timeout_ms)
+        fd = self._local.local_attach()
+        try:
+            self._reader = Pool.attach(fd)
+        finally:
+            os.close(fd)
+        stats = self._local.stats()
+        self._local_holder = int(stats["node_id"])
+        if self.membership is not None:
+            for record in self.membership.nodes().values():
+                if record.holder_id() == self._local_holder:
+                    self._local_node_id = record.node_id
+        logger.info("attached to the local daemon at %s (%s pages)", socket_path,
+                    self._reader.page_kind)
+
+    def _nodes(self) -> dict[str, NodeRecord]:
+        return self.membership.nodes() if self.membership is not None else {}
+
+    def _peer(self, record: NodeRecord) -> _Peer:
+        with self._lock:
+            peer = self._peers.get(record.node_id)
+            if peer is None or peer.record.host != record.host or peer.record.port != record.port:
+                peer = _Peer(record, self)
+                self._peers[record.node_id] = peer
+            return peer
+
+    def _remote_nodes(self) -> list[NodeRecord]:
+        return [r for r in self._nodes().values() if r.node_id != self._local_node_id]
+
+    def _note_error(self, what: str, exc: Exception) -> None:
+        self.counters["peer_errors"] += 1
+        now = time.monotonic()
+        if now - self._last_error_log > 5.0:    # rate-limited: a dead node fails every call
+            self._last_error_log = now
+            logger.warning("%s failed, served as misses: %s", what, exc)
+
+    # -- reads --
+
+    def get_into(self, key, buffer) -> bool:
+        return self.get_many_into([key], [buffer])[0]
+
+    def get_many_into(self, keys, buffers) -> list[bool]:
+        """Copy each block into its buffer (a list, one per key). Returns hits."""
+        keys = _key_list(keys)
+        if len(buffers) != len(keys):
+            raise ValueError(f"get_many_into got {len(keys)} keys but {len(buffers)} buffers")
+        hits = [False] * len(keys)
+        if self._reader is not None and keys:
+            stored = _core.tenant_keys(self.tenant, keys)
+            hits = self._reader.get_many_into(stored, list(buffers))
+            self.counters["local_hits"] += sum(hits)
+        missing = [i for i, hit in enumerate(hits) if not hit]
+        if missing and self.membership is not None:
+            for i in self._fetch_remote([keys[i] for i in missing],
+                                        [buffers[i] for i in missing]):
+                hits[missing[i]] = True
+        self.counters["misses"] += hits.count(False)
+        return hits
+
+    def _fetch_remote(self, keys: list[bytes], buffers: list) -> list[int]:
+        """Indices of `keys` fetched from holders: directory lookup per shard, then one
+        GET per holder."""
+        holders = self._lookup(keys)
+        by_id = {r.holder_id(): r for r in self._nodes().values()}
+        fetched = []
+        for holder in np.unique(holders):
+            record = by_id.get(int(holder))
+            if record is None or int(holder) == HOLDER_NONE:
+                continue
+            idx = np.flatnonzero(holders == holder).tolist()
+            for chunk in _chunks(idx, [memoryview(buffers[i]).nbytes for i in idx]):
+                try:
+                    results = self._peer(record).call(
+                        "get_many_into", [keys[i] for i in chunk], [buffers[i] for i in chunk])
+                except TransferError as exc:
+                    self._note_error(f"GET from node {record.node_id}", exc)
+                    break
+                fetched.extend(i for i, r in zip(chunk, results) if r > 0)
+        self.counters["remote_hits"] += len(fetched)
+        return fetched
+
+    def _lookup(self, keys: list[bytes]) -> np.ndarray:
+        """Holder id of each key from its directory shard (HOLDER_NONE where unknown)."""
+        holders = np.full(len(keys), HOLDER_NONE, dtype=np.uint64)
+        nodes = sorted(self._nodes().values(), key=lambda r: r.node_id)
+        if not nodes or not keys:
+            return holders
+        stored = _core.tenant_keys(self.tenant, keys)
+        shard = directory_shards(stored, nodes)
+        for s in np.unique(shard):
+            idx = np.flatnonzero(shard == s)
+            record = nodes[int(s)]
+            try:
+                found = self._peer(record).call("dir_lookup", [keys[i] for i in idx])
+            except TransferError as exc:
+                self._note_error(f"directory lookup at node {record.node_id}", exc)
+                continue
+            holders[idx] = found
+        return holders
+
+    def exists(self, key) -> bool:
+        return self.exists_many([key])[0]
+
+    def exists_many(self, keys) -> list[bool]:
+        """Whether each key is stored somewhere (local pool or the directory). A directory
+        entry is a hint: a later get may still miss."""
+        keys = _key_list(keys)
+        present = [False] * len(keys)
+        if self._reader is not None and keys:
+            present = self._reader.exists_many(_core.tenant_keys(self.tenant, keys))
+        missing = [i for i, p in enumerate(present) if not p]
+        if missing and self.membership is not None:
+            holders = self._lookup([keys[i] for i in missing])
+            for i, holder in zip(missing, holders):
+                present[i] = int(holder) != HOLDER_NONE
+        return list(present)
+
+    def match_prefix(self, keys) -> int:
+        """Number of leading keys stored somewhere in the cluster."""
+        keys = _key_list(keys)
+        if not keys:
+            return 0
+        local = 0
+        if self._reader is not None:
+            local = self._reader.match_prefix(_core.tenant_keys(self.tenant, keys))
+        if local == len(keys) or self.membership is None:
+            return local
+        rest = self.exists_many(keys[local:]) if self._reader is None else \
+            [int(h) != HOLDER_NONE for h in self._lookup(keys[local:])]
+        return local + (rest.index(False) if False in rest else len(rest))
+
+    # -- writes --
+
+    def put(self, key, data) -> bool:
+        return self.put_many([key], [data]) == 1
+
+    def put_many(self, keys, datas) -> int:
+        """Store datas[i] under keys[i]; returns how many were stored now. Blocks that could
+        not be stored (node down, pool full) are skipped: this is a cache."""
+        keys = _key_list(keys)
+        if len(datas) != len(keys):
+            raise ValueError(f"put_many got {len(keys)} keys but {len(datas)} data buffers")
+        sizes = [memoryview(d).nbytes for d in datas]
+        if self._local is not None and self._local_has_room(sum(sizes)):
+            return self._put_local(keys, datas, sizes)
+        remote = self._remote_nodes()
+        if not remote:
+            return self._put_local(keys, datas, sizes) if self._local is not None else 0
+        return self._put_placed(keys, datas, sizes, remote)
+
+    def _local_has_room(self, nbytes: int) -> bool:
+        if self.membership is None or not self._remote_nodes():
+            return True
+        stats = self._reader.stats()
+        return stats["bytes_free"] >= nbytes
+
+    def _put_local(self, keys, datas, sizes) -> int:
+        stored = 0
+        for chunk in _chunks(list(range(len(keys))), sizes):
+            try:
+                with self._local_lock:
+                    results = self._local.put_many([keys[i] for i in chunk],
+                                                   [datas[i] for i in chunk],
+                                                   timeout_ms=self.timeout_ms)
+            except TransferError as exc:
+                self._note_error("PUT to the local daemon", exc)
+                return stored
+            stored += results.count(0)
+        self.counters["local_puts"] += stored
+        return stored
+
+    def _put_placed(self, keys, datas, sizes, nodes: list[NodeRecord]) -> int:
+        weights = [Node(r.node_id, float(max(r.free_bytes, r.capacity_bytes // 100, 1)))
+                   for r in nodes]
+        target = owners(_split_keys(_core.tenant_keys(self.tenant, keys)), weights, 1)[:, 0]
+        stored = 0
+        for t in np.unique(target):
+            record = nodes[int(t)]
+            idx = np.flatnonzero(target == t).tolist()
+            for chunk in _chunks(idx, [sizes[i] for i in idx]):
+                try:
+                    results = self._peer(record).call(
+                        "put_many", [keys[i] for i in chunk], [datas[i] for i in chunk])
+                except TransferError as exc:
+                    self._note_error(f"PUT to node {record.node_id}", exc)
+                    break
+                stored += results.count(0)
+        self.counters["remote_puts"] += stored
+        return stored
+
+    def delete(self, key) -> bool:
+        """Delete on the local daemon and on the key's holder."""
+        deleted = False
+        if self._local is not None:
+            with self._local_lock:
+                deleted = self._local.delete_many([key], timeout_ms=self.timeout_ms)[0] == 0
+        holder = int(self._lookup([key])[0]) if self.membership is not None else HOLDER_NONE
+        record = {r.holder_id(): r for r in self._nodes().values()}.get(holder)
+        if record is not None and record.node_id != self._local_node_id:
+            try:
+                deleted |= self._peer(record).call("delete_many", [key])[0] == 0
+            except TransferError as exc:
+                self._note_error(f"DELETE at node {record.node_id}", exc)
+        return deleted
+
+    def protect(self, keys) -> int:
+        # TODO: the protect hint needs an operation on the daemon; until then it is kept
+        # only by embedded pools. Returns 0 (no block was marked).
+        return 0
+
+    def unprotect(self, keys) -> int:
+        return 0
+
+    # -- inspection --
+
+    def stats(self) -> dict:
+        out = {"mode": self.mode, "tenant": self.tenant, **self.counters}
+        if self._reader is not None:
+            reader = self._reader.stats()
+            out["shared_memory_hits"] = reader["reader_hits"]
+            out["shared_memory_misses"] = reader["reader_misses"]
+        return out
+
+    def close(self) -> None:
+        self._close_executor()
+        with self._lock:
+            for peer in self._peers.values():
+                peer.close()
+            self._peers.clear()
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
+        if self._local is not None:
+            self._local.close()
+            self._local = None
+        if self.membership is not None:
+            self.membership.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+
+def directory_shards(stored_keys: bytes, nodes: list[NodeRecord]) -> np.ndarray:
+    """Index into `nodes` of the directory shard of each stored key: its rendezvous owner
+    with equal weights, so that every client and daemon agrees whatever free space it saw.
+    `nodes` must be sorted by node_id."""
+    return owners(_split_keys(stored_keys), [Node(r.node_id, 1.0) for r in nodes], 1)[:, 0]
+
+
+def _split_keys(joined: bytes) -> np.ndarray:
+    return np.frombuffer(joined, dtype=np.uint8).reshape(-1, 32)
+
+
+def _key_list(keys) -> list[bytes]:
+    if isinstance(keys, (bytes, bytearray, memoryview)):
+        data = bytes(keys)
+        if len(data) % 32:
+            raise ValueError(f"batch of keys is {len(data)} bytes, not a multiple of 32")
+        return [data[i:i + 32] for i in range(0, len(data), 32)]
+    return list(keys)
+
+
+def _chunks(indices: list[int], sizes: list[int]):
+    """Split indices into runs whose data stays under BATCH_BYTES (one call each)."""
+    chunk, total = [], 0
+    for i, size in zip(indices, sizes):
+        if chunk and total + size > BATCH_BYTES:
+            yield chunk
+            chunk, total = [], 0
+        chunk.append(i)
+        total += size
+    if chunk:
+        yield chunk

@@ -1,0 +1,253 @@
+"""`ems serve`: the node daemon.
+
+It owns a pool, serves it over TCP and a Unix socket with the C transfer server, holds one
+shard of the key directory, registers in the cluster membership, announces the keys it
+stores to their directory shards, and publishes Prometheus metrics over HTTP.
+
+Threads: the C server's own (data path, no Python); one Python "pump" that forwards the
+server's log lines, announces new keys in batches and refreshes the membership record;
+the metrics HTTP server. The data path never waits on ZooKeeper or on this module.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+import ems
+from ems import _core
+from ems.client import directory_shards
+from ems.cluster.membership import NodeRecord, open_membership
+from ems.errors import TransferError
+from ems.metrics import start_metrics
+from ems.pool import Pool, run_dir
+
+logger = logging.getLogger("ems.daemon")
+
+PUMP_INTERVAL_S = 0.05        # how often new keys are announced and log lines forwarded
+RECORD_INTERVAL_S = 5.0       # how often the membership record's free bytes are refreshed
+ANNOUNCE_BATCH = 65536        # keys per directory registration call
+NODE_TENANT = "node"          # tenant name of daemon-to-daemon connections
+
+
+@dataclass
+class DaemonConfig:
+    """Settings of one daemon; `ems serve --help` documents each."""
+
+    node_id: str
+    capacity_bytes: int
+    host: str = "127.0.0.1"
+    port: int = 7700
+    advertise_host: str | None = None
+    socket_path: str | None = None        # default: <run dir>/ems-<node_id>.sock
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int | None = 0          # 0: any free port; None: no metrics
+    pages: str = "auto"
+    slab_size: int | None = None
+    zookeeper: str | None = None
+    peers: str | None = None
+    cluster: str = "default"
+    secret: bytes | None = None
+    max_connections: int = 256
+    io_timeout_ms: int = 30000
+    peer_timeout_ms: int = 1000
+
+
+class Daemon:
+    """One node daemon. start() brings it up, stop() takes it down; run() does both
+    around a wait for SIGTERM or SIGINT."""
+
+    def __init__(self, config: DaemonConfig):
+        self.config = config
+        self.pool = None
+        self.server = None
+        self.membership = None
+        self.metrics = None
+        self.record = None
+        self.nodes: dict[str, NodeRecord] = {}
+        self._stop = threading.Event()
+        self._reannounce = threading.Event()
+        self._pump_thread = None
+        self._node_conns: dict[str, _core.Connection] = {}
+        self._last_warning: dict[str, float] = {}
+        self.announced = 0
+
+    # -- lifecycle --
+
+    def start(self) -> None:
+        cfg = self.config
+        socket_path = cfg.socket_path or os.path.join(run_dir(), f"ems-{cfg.node_id}.sock")
+        if cfg.secret is None:
+            logger.warning("no cluster secret configured: the daemon accepts any client "
+                           "(set EMS_SECRET or --secret-file)")
+        self.pool = Pool(cfg.capacity_bytes, slab_size=cfg.slab_size, pages=cfg.pages,
+                         name=f"ems-{cfg.node_id}")
+        holder = NodeRecord(node_id=cfg.node_id, host=cfg.advertise_host or cfg.host,
+                            port=1).holder_id()
+        try:
+            self.server = _core.Server(self.pool, host=cfg.host, port=cfg.port,
+                                       unix_path=socket_path, secret=cfg.secret,
+                                       node_id=holder, max_connections=cfg.max_connections,
+                                       io_timeout_ms=cfg.io_timeout_ms)
+        except Exception:
+            self.pool.close()
+            raise
+        self.socket_path = socket_path
+        stats = self.pool.stats()
+        self.record = NodeRecord(
+            node_id=cfg.node_id, host=cfg.advertise_host or cfg.host, port=self.server.port,
+            local_socket=socket_path, hostname=socket.gethostname(),
+            capacity_bytes=stats["capacity_bytes"], free_bytes=stats["bytes_free"],
+            proto_min=1, proto_max=1, version=ems.__version__)
+
+        if cfg.metrics_port is not None:
+            self.metrics = start_metrics(self, cfg.metrics_host, cfg.metrics_port)
+            self.record = replace(self.record, metrics_port=self.metrics.port)
+        self.membership = open_membership(cfg.zookeeper, cfg.peers, cfg.cluster, self.record)
+        self.membership.add_listener(self._on_members)
+        self._pump_thread = threading.Thread(target=self._pump, name="ems-pump", daemon=True)
+        self._pump_thread.start()
+        logger.info("node %s serving %d bytes (%s pages) on %s:%d and %s; metrics on %s; "
+                    "membership: %s", cfg.node_id, stats["capacity_bytes"],
+                    self.pool.page_kind, cfg.host, self.server.port, socket_path,
+                    f"{cfg.metrics_host}:{self.metrics.port}" if self.metrics else "off",
+                    f"ZooKeeper {cfg.zookeeper}" if cfg.zookeeper else
+                    f"static peers ({len(self.membership.nodes())} nodes)")
+
+    def stop(self) -> None:
+        logger.info("node %s stopping", self.config.node_id)
+        self._stop.set()
+        if self._pump_thread is not None:
+            self._pump_thread.join(timeout=5)
+        if self.membership is not None:
+            self.membership.close()
+        for conn in self._node_conns.values():
+            conn.close()
+        if self.server is not None:
+            self._forward_log()
+            self.server.stop()
+        if self.metrics is not None:
+            self.metrics.stop()
+        if self.pool is not None:
+            self.pool.close()
+        logger.info("node %s stopped", self.config.node_id)
+
+    def run(self) -> None:
+        """Start, serve until SIGTERM or SIGINT, then stop cleanly."""
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda signum, frame: self._stop.set())
+        self.start()
+        try:
+            while not self._stop.wait(1.0):
+                pass
+        finally:
+            self.stop()
+
+    # -- membership --
+
+    def _on_members(self, nodes: dict[str, NodeRecord]) -> None:
+        """Log joins and leaves, forget a lost node's directory entries, and re-announce
+        this node's keys when the set of shards changed."""
+        old, new = set(self.nodes), set(nodes)
+        for node_id in sorted(new - old):
+            if node_id != self.config.node_id:
+                logger.info("node %s joined (%s:%d)", node_id, nodes[node_id].host,
+                            nodes[node_id].port)
+        for node_id in sorted(old - new):
+            if node_id == self.config.node_id:
+                continue
+            forgotten = self.server.dir_forget(self.nodes[node_id].holder_id())
+            logger.info("node %s left; %d directory entries that pointed to it are dropped",
+                        node_id, forgotten)
+            conn = self._node_conns.pop(node_id, None)
+            if conn is not None:
+                conn.close()
+        self.nodes = dict(nodes)
+        if old != new:
+            self._reannounce.set()
+
+    # -- the pump thread --
+
+    def _pump(self) -> None:
+        last_record = time.monotonic()
+        while not self._stop.wait(PUMP_INTERVAL_S):
+            try:
+                self._forward_log()
+                if self._reannounce.is_set():
+                    self._reannounce.clear()
+                    self._announce_all()
+                keys, dropped = self.server.take_new_keys(ANNOUNCE_BATCH)
+                if dropped:
+                    logger.warning("%d new keys were not announced (queue overflow); they "
+                                   "stay readable locally", dropped)
+                if keys:
+                    self._announce(keys)
+                if time.monotonic() - last_record > RECORD_INTERVAL_S:
+                    last_record = time.monotonic()
+                    self._refresh_record()
+            except Exception:   # the pump must survive anything; the data path does not need it
+                logger.exception("daemon pump step failed; continuing")
+
+    def _forward_log(self) -> None:
+        for line in self.server.take_log():
+            logger.warning("transfer server: %s", line)
+
+    def _refresh_record(self) -> None:
+        free = self.pool.stats()["bytes_free"]
+        if free != self.record.free_bytes:
+            self.record = replace(self.record, free_bytes=free)
+            self.membership.update(self.record)
+
+    def _announce_all(self) -> None:
+        total = 0
+        for chunk in self.pool.keys(ANNOUNCE_BATCH):
+            self._announce(chunk)
+            total += len(chunk) // 32
+        logger.info("re-announced %d keys to the directory after a membership change", total)
+
+    def _announce(self, stored: bytes) -> None:
+        """Register stored keys with their directory shards, one call per shard."""
+        nodes = sorted(self.nodes.values(), key=lambda r: r.node_id)
+        if not nodes:
+            return
+        holder = self.server.node_id
+        shard = directory_shards(stored, nodes)
+        keys = np.frombuffer(stored, dtype=np.uint8).reshape(-1, 32)
+        for s in np.unique(shard):
+            record = nodes[int(s)]
+            batch = keys[shard == s].tobytes()
+            if record.node_id == self.config.node_id:
+                self.server.dir_register(batch, holder)
+                self.announced += len(batch) // 32
+                continue
+            try:
+                self._node_conn(record).dir_register(batch, holder,
+                                                     timeout_ms=self.config.peer_timeout_ms)
+                self.announced += len(batch) // 32
+            except TransferError as exc:
+                self._node_conns.pop(record.node_id, None)
+                self._warn_once(record.node_id, "announcing %d keys to node %s failed: %s; "
+                                "they stay readable through this node", len(batch) // 32,
+                                record.node_id, exc)
+
+    def _node_conn(self, record: NodeRecord) -> _core.Connection:
+        conn = self._node_conns.get(record.node_id)
+        if conn is None or not conn.alive:
+            conn = _core.Connection(record.host, record.port, secret=self.config.secret,
+                                    tenant=NODE_TENANT, role="node",
+                                    timeout_ms=self.config.peer_timeout_ms)
+            self._node_conns[record.node_id] = conn
+        return conn
+
+    def _warn_once(self, key: str, fmt: str, *args) -> None:
+        """Log a warning at most every 10 s per key (a dead peer fails every batch)."""
+        now = time.monotonic()
+        if now - self._last_warning.get(key, 0.0) > 10.0:
+            self._last_warning[key] = now
+            logger.warning(fmt, *args)

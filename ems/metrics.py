@@ -1,0 +1,109 @@
+"""Prometheus metrics of a node daemon, served over HTTP on /metrics (and /healthz).
+
+Values are read from the pool and the transfer server at scrape time, so nothing on the
+data path updates Python objects. Names follow docs/cluster.md: an `ems_` prefix, units in
+the name, a `node` label.
+"""
+from __future__ import annotations
+
+import threading
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+from prometheus_client import CollectorRegistry, make_wsgi_app
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
+
+import ems
+
+# (metric name, help, source dict, field) for every counter read from the C side.
+_COUNTERS = [
+    ("ems_pool_hits", "Blocks read from this node's pool", "pool", "hits"),
+    ("ems_pool_misses", "Reads of this node's pool that found no block", "pool", "misses"),
+    ("ems_pool_evictions", "Blocks evicted to make room", "pool", "evictions"),
+    ("ems_pool_puts", "Blocks committed to this node's pool", "pool", "puts"),
+    ("ems_transfer_requests", "Requests served over TCP and the local socket", "server", "requests"),
+    ("ems_transfer_errors", "Requests answered with an error status", "server", "errors"),
+    ("ems_transfer_bad_frames", "Frames refused by the header check", "server", "bad_frames"),
+    ("ems_transfer_auth_failures", "Connections refused for a wrong secret", "server", "auth_failures"),
+    ("ems_transfer_connections", "Connections accepted", "server", "connections"),
+    ("ems_transfer_refused_busy", "Connections refused at the connection limit", "server", "refused_busy"),
+    ("ems_transfer_received_bytes", "Bytes received by the transfer server", "server", "bytes_in"),
+    ("ems_transfer_sent_bytes", "Bytes sent by the transfer server", "server", "bytes_out"),
+    ("ems_transfer_get_blocks", "Blocks asked for by remote GETs", "server", "gets"),
+    ("ems_transfer_get_hits", "Blocks served to remote GETs", "server", "get_hits"),
+    ("ems_transfer_put_blocks", "Blocks offered by remote and local PUTs", "server", "puts"),
+    ("ems_directory_lookups", "Keys looked up in this node's directory shard", "server", "dir_lookups"),
+    ("ems_directory_registrations", "Keys registered in this node's directory shard", "server", "dir_registered"),
+]
+
+
+class _Collector:
+    def __init__(self, daemon):
+        self.daemon = daemon
+
+    def collect(self):
+        daemon = self.daemon
+        node = daemon.config.node_id
+        if daemon.pool is None or daemon.pool.closed or daemon.server is None \
+                or not daemon.server.running:
+            return
+        sources = {"pool": daemon.pool.stats(), "server": daemon.server.stats()}
+        pool = sources["pool"]
+        for name, text, source, field in _COUNTERS:
+            family = CounterMetricFamily(name, text, labels=["node"])
+            family.add_metric([node], sources[source][field])
+            yield family
+        gauges = [
+            ("ems_pool_capacity_bytes", "Data bytes of the DRAM pool", pool["capacity_bytes"]),
+            ("ems_pool_used_bytes", "Payload bytes of stored blocks", pool["bytes_used"]),
+            ("ems_pool_blocks", "Blocks stored", pool["blocks"]),
+            ("ems_transfer_connections_open", "Open connections",
+             sources["server"]["connections_open"]),
+            ("ems_directory_entries", "Entries in this node's directory shard",
+             sources["server"]["dir_entries"]),
+            ("ems_cluster_nodes", "Nodes in the membership this node sees", len(daemon.nodes)),
+        ]
+        for name, text, value in gauges:
+            family = GaugeMetricFamily(name, text, labels=["node", "tier"] if "pool" in name
+                                       else ["node"])
+            family.add_metric([node, "dram"] if "pool" in name else [node], value)
+            yield family
+        info = InfoMetricFamily("ems_node", "Version, protocol range and page kind of the node")
+        info.add_metric([], {"node": node, "version": ems.__version__, "protocol_min": "1",
+                             "protocol_max": "1", "page_kind": pool["page_kind"]})
+        yield info
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format, *args):   # scrapes are not events worth a log line
+        pass
+
+
+class MetricsServer:
+    """The HTTP endpoint: /metrics (Prometheus text format) and /healthz ("ok")."""
+
+    def __init__(self, daemon, host: str, port: int):
+        registry = CollectorRegistry()
+        registry.register(_Collector(daemon))
+        metrics_app = make_wsgi_app(registry)
+
+        def app(environ, start_response):
+            if environ.get("PATH_INFO") == "/healthz":
+                healthy = daemon.server is not None and daemon.server.running
+                start_response("200 OK" if healthy else "503 Service Unavailable",
+                               [("Content-Type", "text/plain")])
+                return [b"ok\n" if healthy else b"stopped\n"]
+            return metrics_app(environ, start_response)
+
+        self.httpd = make_server(host, port, app, WSGIServer, handler_class=_QuietHandler)
+        self.port = self.httpd.server_port
+        self.thread = threading.Thread(target=self.httpd.serve_forever, name="ems-metrics",
+                                       daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def start_metrics(daemon, host: str, port: int) -> MetricsServer:
+    return MetricsServer(daemon, host, port)

@@ -1,0 +1,101 @@
+"""`ems serve`: run a node daemon until SIGTERM (see ems.daemon)."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import socket
+import sys
+
+from ems.client import load_secret
+from ems.daemon import Daemon, DaemonConfig
+
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """Bytes from "4096", "512M", "8G" (powers of 1024); raises ValueError naming the text."""
+    value = text.strip().upper().removesuffix("IB").removesuffix("B")
+    unit = value[-1] if value and value[-1] in _UNITS else ""
+    number = value[:-1] if unit else value
+    try:
+        size = int(float(number) * _UNITS[unit])
+    except ValueError:
+        raise ValueError(f"size {text!r} is not a number of bytes such as 4096, 512M or 8G") from None
+    if size <= 0:
+        raise ValueError(f"size {text!r} must be positive")
+    return size
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ems serve", description="Run an EMS node daemon: a "
+                                "DRAM pool served over TCP and a local socket, one directory "
+                                "shard, cluster membership and Prometheus metrics.")
+    p.add_argument("--node-id", default=os.environ.get("EMS_NODE_ID") or socket.gethostname(),
+                   help="stable id of this node in the cluster (default: EMS_NODE_ID or the "
+                        "host name)")
+    p.add_argument("--capacity", default=os.environ.get("EMS_CAPACITY", "1G"),
+                   help="DRAM pool size, e.g. 512M or 16G (default: EMS_CAPACITY or 1G)")
+    p.add_argument("--pages", default="auto", choices=["auto", "hugetlb", "thp", "small"],
+                   help="page kind of the pool (default: auto, hugetlb then THP then 4 KiB)")
+    p.add_argument("--slab-size", default=None,
+                   help="slab size, the largest block (default: from the capacity)")
+    p.add_argument("--host", default="127.0.0.1", help="TCP listen address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=7700, help="TCP port (default 7700; 0: any)")
+    p.add_argument("--advertise", default=None,
+                   help="address other nodes use to reach this one (default: --host)")
+    p.add_argument("--socket", default=None,
+                   help="Unix socket for clients on this host (default: "
+                        "$EMS_RUN_DIR/ems-NODE.sock)")
+    p.add_argument("--metrics-host", default="127.0.0.1",
+                   help="metrics HTTP listen address (default 127.0.0.1)")
+    p.add_argument("--metrics-port", type=int, default=7701,
+                   help="metrics HTTP port (default 7701; 0: any; -1: no metrics)")
+    p.add_argument("--zookeeper", default=os.environ.get("EMS_ZOOKEEPER"),
+                   help="ZooKeeper hosts, e.g. 127.0.0.1:2181 (default: EMS_ZOOKEEPER)")
+    p.add_argument("--peers", default=os.environ.get("EMS_PEERS"),
+                   help="static peers without ZooKeeper: id=host:port,... (default: EMS_PEERS)")
+    p.add_argument("--cluster", default=os.environ.get("EMS_CLUSTER", "default"),
+                   help="cluster name in ZooKeeper (default: EMS_CLUSTER or 'default')")
+    p.add_argument("--secret-file", default=None,
+                   help="file holding the cluster secret (default: EMS_SECRET or "
+                        "EMS_SECRET_FILE; none means no authentication)")
+    p.add_argument("--max-connections", type=int, default=256)
+    p.add_argument("--log-level", default="INFO")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        capacity = parse_size(args.capacity)
+        slab = parse_size(args.slab_size) if args.slab_size else None
+        if args.secret_file:
+            with open(args.secret_file, "rb") as f:
+                secret = f.read().strip()
+            if not secret:
+                raise ValueError(f"secret file {args.secret_file} is empty")
+        else:
+            secret = load_secret()
+    except (OSError, ValueError) as exc:
+        parser.error(str(exc))
+    config = DaemonConfig(
+        node_id=args.node_id, capacity_bytes=capacity, host=args.host, port=args.port,
+        advertise_host=args.advertise, socket_path=args.socket,
+        metrics_host=args.metrics_host,
+        metrics_port=None if args.metrics_port < 0 else args.metrics_port,
+        pages=args.pages, slab_size=slab, zookeeper=args.zookeeper, peers=args.peers,
+        cluster=args.cluster, secret=secret, max_connections=args.max_connections)
+    try:
+        Daemon(config).run()
+    except Exception as exc:   # a clear last line for the operator, then a failing exit
+        logging.getLogger("ems.daemon").error("node %s failed: %s", args.node_id, exc)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
