@@ -223,7 +223,7 @@ class ClusterClient(_AsyncCalls):
         self.timeout_ms = timeout_ms
         self.mode = "cluster" if membership is not None else "local"
         self.counters = dict(local_hits=0, remote_hits=0, misses=0, local_puts=0,
-                             remote_puts=0, peer_errors=0)
+                             remote_puts=0, put_refused=0, peer_errors=0)
         self._peers: dict[str, _Peer] = {}
         self._lock = threading.Lock()
         self._local_lock = threading.Lock()
@@ -287,6 +287,16 @@ class ClusterClient(_AsyncCalls):
         if now - self._last_error_log > 5.0:    # rate-limited: a dead node fails every call
             self._last_error_log = now
             logger.warning("%s failed, served as misses: %s", what, exc)
+
+    def _note_refusals(self, where: str, results: list[int]) -> None:
+        refused = [r for r in results if r < 0]
+        if refused:
+            self.counters["put_refused"] += len(refused)
+            now = time.monotonic()
+            if now - self._last_error_log > 5.0:
+                self._last_error_log = now
+                logger.warning("%s refused %d blocks: %s", where, len(refused),
+                               os.strerror(-refused[0]))
 
     # -- reads --
 
@@ -420,6 +430,7 @@ class ClusterClient(_AsyncCalls):
                 self._note_error("PUT to the local daemon", exc)
                 return stored
             stored += results.count(0)
+            self._note_refusals("the local daemon", results)
         self.counters["local_puts"] += stored
         return stored
 
@@ -439,6 +450,7 @@ class ClusterClient(_AsyncCalls):
                     self._note_error(f"PUT to node {record.node_id}", exc)
                     break
                 stored += results.count(0)
+                self._note_refusals(f"node {record.node_id}", results)
         self.counters["remote_puts"] += stored
         return stored
 

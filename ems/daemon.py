@@ -152,19 +152,15 @@ class Daemon:
     # -- membership --
 
     def _on_members(self, nodes: dict[str, NodeRecord]) -> None:
-        """Log joins and leaves, forget a lost node's directory entries, and re-announce
-        this node's keys when the set of shards changed."""
+        """Forget a lost node's directory entries and re-announce this node's keys when
+        the set of shards changed. (The membership itself logs joins and leaves.)"""
         old, new = set(self.nodes), set(nodes)
-        for node_id in sorted(new - old):
-            if node_id != self.config.node_id:
-                logger.info("node %s joined (%s:%d)", node_id, nodes[node_id].host,
-                            nodes[node_id].port)
         for node_id in sorted(old - new):
             if node_id == self.config.node_id:
                 continue
             forgotten = self.server.dir_forget(self.nodes[node_id].holder_id())
-            logger.info("node %s left; %d directory entries that pointed to it are dropped",
-                        node_id, forgotten)
+            logger.info("dropped %d directory entries that pointed to lost node %s",
+                        forgotten, node_id)
             conn = self._node_conns.pop(node_id, None)
             if conn is not None:
                 conn.close()

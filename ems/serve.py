@@ -70,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # kazoo warns on every reconnect attempt; ems.cluster.membership logs an outage once.
+    logging.getLogger("kazoo.client").setLevel(logging.ERROR)
     try:
         capacity = parse_size(args.capacity)
         slab = parse_size(args.slab_size) if args.slab_size else None

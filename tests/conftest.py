@@ -121,3 +121,19 @@ def vllm_env(monkeypatch):
         monkeypatch.setenv(name, value)
     for name in vllm_helpers.EMS_ENV:
         monkeypatch.delenv(name, raising=False)
+
+
+# ---- ZooKeeper (cluster membership tests) --------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def zookeeper(tmp_path_factory):
+    """A real ZooKeeper server on 127.0.0.1, shared by the session's tests (see
+    zookeeper_server.py). Skips when java or Debian's zookeeper package is missing."""
+    from zookeeper_server import ZooKeeperMissing, ZooKeeperServer
+    try:
+        server = ZooKeeperServer(tmp_path_factory.mktemp("zookeeper"))
+    except ZooKeeperMissing as exc:
+        pytest.skip(f"no ZooKeeper server to test with: {exc}")
+    with server:
+        yield server

@@ -42,13 +42,15 @@ def sessions():
 EMS_RUNS = ("ems", "ems-async")
 
 
-def start(name, model_dir, pool_name, log_dir, **extra_env):
+def start(name, model_dir, pool_name, log_dir, turns=None, extra=None, **extra_env):
+    """Start one vLLM run: `turns` replaces sessions(), `extra` the connector settings."""
     env = {k: v for k, v in os.environ.items() if k not in vh.EMS_ENV}
     # INFO: the tests read the connector's log lines.
     env.update(vh.VLLM_ENV, VLLM_CPU_OMP_THREADS_BIND="nobind", OMP_NUM_THREADS="1",
                VLLM_LOGGING_LEVEL="INFO", **extra_env)
-    args = json.dumps({"model": model_dir, "pool_name": pool_name, "sessions": sessions(),
-                       "max_tokens": MAX_TOKENS})
+    args = json.dumps({"model": model_dir, "pool_name": pool_name,
+                       "sessions": turns or sessions(), "max_tokens": MAX_TOKENS,
+                       "extra": extra})
     # vLLM logs to stdout, so both streams go to one file that a failure message quotes.
     log = open(os.path.join(log_dir, f"{name}.log"), "w+")
     # A session of its own, so a timeout kills vLLM's engine and worker processes too.

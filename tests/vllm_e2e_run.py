@@ -5,9 +5,10 @@ never share state with pytest. Usage:
 
     python tests/vllm_e2e_run.py '{"model": DIR, "pool_name": NAME or null, ...}'
 
-The JSON object has four fields. model: the model directory. pool_name: the EMS pool name,
+The JSON object has these fields. model: the model directory. pool_name: the EMS pool name,
 or null to run without the connector. sessions: per session and turn, the new token ids of
-that turn. max_tokens: tokens generated per turn.
+that turn. max_tokens: tokens generated per turn. extra (optional): connector settings
+that replace the embedded-pool ones (for the daemon modes).
 
 Each turn's prompt is the previous prompt, the previous output and the turn's new tokens.
 All sessions of one turn go in one generate call, and vLLM's prefix cache is reset between
@@ -32,9 +33,9 @@ def main():
             "kv_connector_module_path": "ems.integrations.vllm",
             "kv_role": "kv_both",
             "kv_load_failure_policy": "recompute",
-            "kv_connector_extra_config": {"pool_name": args["pool_name"],
-                                          "pool_capacity_bytes": 256 << 20,
-                                          "pool_pages": "small"},
+            "kv_connector_extra_config": args.get("extra") or {
+                "pool_name": args["pool_name"], "pool_capacity_bytes": 256 << 20,
+                "pool_pages": "small"},
         }
     started = time.monotonic()
     llm = LLM(**kwargs)
@@ -60,7 +61,7 @@ def main():
         llm.reset_prefix_cache()
 
     stats = None
-    if args["pool_name"]:
+    if args["pool_name"] and not args.get("extra"):
         import ems
 
         reader = ems.Pool.attach(args["pool_name"])

@@ -1,1 +1,2 @@
-"""Cluster pieces of EMS: placement now; membership and the directory come with the daemon."""
+"""Cluster pieces of EMS: placement (rendezvous hashing) and membership (ZooKeeper or
+static peers). The directory shard lives in the C transfer server of each daemon."""

@@ -18,6 +18,7 @@ vLLM recomputes it (this needs kv_load_failure_policy "recompute"; with vLLM's d
 from __future__ import annotations
 
 import logging
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (KVConnectorBase_V1,
@@ -25,6 +26,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (KVConnectorBase_V
                                                                KVConnectorRole)
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
 
+from ems.client import connect
 from ems.integrations.vllm_config import key_space, load_config
 from ems.integrations.vllm_scheduler import SchedulerSide, StepPlan
 from ems.integrations.vllm_worker import WorkerSide
@@ -105,21 +107,31 @@ class EMSConnector(KVConnectorBase_V1):
         self.block_size = vllm_config.cache_config.block_size
         self._computed: dict[str, int] = {}
 
+        client_factory = None
+        if self.config.mode != "embedded":
+            # Daemon modes: each vLLM process opens its own client of the node daemon.
+            client_factory = partial(
+                connect, self.config.mode, socket_path=self.config.socket_path,
+                zookeeper=self.config.zookeeper, peers=self.config.peers,
+                cluster=self.config.cluster, tenant=self.config.tenant)
+
         if role == KVConnectorRole.SCHEDULER:
             # NOTE: with tensor parallelism the scheduler probes rank 0's keys only.
             space = key_space(vllm_config, self.config.tenant, rank=0)
             self.scheduler = SchedulerSide(self.config.pool_name, space.namespace(),
                                            self.block_size, space.layout.num_layers,
-                                           async_loads=self.config.load_mode == "async")
+                                           async_loads=self.config.load_mode == "async",
+                                           client_factory=client_factory)
             self.worker = None
         else:
             space = key_space(vllm_config, self.config.tenant, rank=_tensor_parallel_rank())
             self.scheduler = None
             self.worker = WorkerSide(self.config.pool_name, self.config.pool_capacity_bytes,
                                      self.config.pool_pages, self.config.load_mode,
-                                     self.config.async_saves)
-        logger.info("EMS connector (%s) for %s, pool %s", role.name, space.model,
-                    self.config.pool_name)
+                                     self.config.async_saves, client_factory=client_factory)
+        logger.info("EMS connector (%s) for %s, %s", role.name, space.model,
+                    f"pool {self.config.pool_name}" if client_factory is None
+                    else f"{self.config.mode} mode")
 
     @property
     def requires_kv_delivery(self) -> bool:

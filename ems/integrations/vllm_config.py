@@ -59,7 +59,15 @@ _SETTINGS = {
     "tenant": ("EMS_TENANT", _text, "default"),
     "load_mode": ("EMS_LOAD_MODE", _text, "layer"),
     "async_saves": ("EMS_ASYNC_SAVES", _boolean, True),
+    # Where blocks live: "embedded" (a pool in the worker), "local" (the daemon on this
+    # host) or "cluster" (daemons found through ZooKeeper or static peers).
+    "mode": ("EMS_MODE", _text, "embedded"),
+    "socket_path": ("EMS_SOCKET", _text, None),
+    "zookeeper": ("EMS_ZOOKEEPER", _text, None),
+    "peers": ("EMS_PEERS", _text, None),
+    "cluster": ("EMS_CLUSTER", _text, "default"),
 }
+MODES = ("embedded", "local", "cluster")
 _TYPE_NAMES = {_integer: "a whole number", _text: "a string", _boolean: "a boolean"}
 
 
@@ -71,6 +79,11 @@ class ConnectorConfig:
     tenant: str
     load_mode: str
     async_saves: bool
+    mode: str = "embedded"
+    socket_path: str | None = None
+    zookeeper: str | None = None
+    peers: str | None = None
+    cluster: str = "default"
 
 
 def load_config(extra_config: dict, engine_id: str | None) -> ConnectorConfig:
@@ -107,6 +120,13 @@ def load_config(extra_config: dict, engine_id: str | None) -> ConnectorConfig:
     if values["pool_pages"] not in PAGE_KINDS:
         raise ValueError(f"pool_pages (or EMS_POOL_PAGES) must be one of {PAGE_KINDS}, got "
                          f"{values['pool_pages']!r}")
+    if values["mode"] not in MODES:
+        raise ValueError(f"mode (or EMS_MODE) must be one of {MODES}, got {values['mode']!r}")
+    if values["mode"] == "local" and not values["socket_path"]:
+        raise ValueError("mode 'local' needs socket_path (or EMS_SOCKET): the daemon's "
+                         "Unix socket")
+    if values["mode"] == "cluster" and not (values["zookeeper"] or values["peers"]):
+        raise ValueError("mode 'cluster' needs zookeeper (EMS_ZOOKEEPER) or peers (EMS_PEERS)")
     if values["pool_name"] is None:
         # Both vLLM processes get the same engine_id, so they agree on the pool name.
         values["pool_name"] = f"ems-vllm-{engine_id or os.getppid()}"

@@ -12,7 +12,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from ems.errors import AttachError
+from ems.errors import AttachError, MembershipError, TransferError
 from ems.keys import chain_keys, layer_keys
 from ems.pool import Pool
 
@@ -53,8 +53,9 @@ class _Request:
 
 class SchedulerSide:
     def __init__(self, pool_name: str, namespace: bytes, block_size: int, num_layers: int,
-                 async_loads: bool = False):
+                 async_loads: bool = False, client_factory=None):
         self.pool_name = pool_name
+        self.client_factory = client_factory   # daemon modes: opens an ems.connect client
         self.async_loads = async_loads
         self.namespace = namespace
         self.block_size = block_size
@@ -68,17 +69,24 @@ class SchedulerSide:
 
     # -- pool access --
 
-    def _reader(self) -> Pool | None:
-        """Return the attached pool, or None while the worker has not created it yet."""
+    def _reader(self):
+        """Return the attached pool (or the daemon client), or None while the worker has
+        not created the pool yet (or the daemon cannot be reached)."""
+        if self.client_factory is not None and self._pool is not None:
+            return self._pool
         if self._pool is not None and not self._pool.closed:
             return self._pool
         now = time.monotonic()
         if now < self._next_attach:
             return None
         try:
+            if self.client_factory is not None:
+                self._pool = self.client_factory()
+                logger.info("EMS scheduler connected in %s mode", self._pool.mode)
+                return self._pool
             self._pool = Pool.attach(self.pool_name)
             logger.info("EMS scheduler attached to pool %s", self.pool_name)
-        except AttachError as exc:
+        except (AttachError, TransferError, MembershipError, OSError) as exc:
             self._next_attach = now + _ATTACH_RETRY_S
             logger.debug("EMS pool %s not attachable yet: %s", self.pool_name, exc)
             return None

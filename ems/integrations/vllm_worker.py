@@ -57,7 +57,7 @@ class _Step:
 
 class WorkerSide:
     def __init__(self, pool_name: str, capacity_bytes: int, pages: str,
-                 load_mode: str = "layer", async_saves: bool = True):
+                 load_mode: str = "layer", async_saves: bool = True, client_factory=None):
         if load_mode not in LOAD_MODES:
             raise ValueError(f"load_mode must be one of {LOAD_MODES}, got {load_mode!r}")
         self.pool_name = pool_name
@@ -65,6 +65,7 @@ class WorkerSide:
         self.pages = pages
         self.load_mode = load_mode
         self.async_saves = async_saves
+        self.client_factory = client_factory   # daemon modes: opens an ems.connect client
         self.pool: Pool | None = None
         self._layers: list = []         # per layer: array of blocks, [num_blocks, block_bytes]
         self._device_layers: list = []  # per layer: the device tensor, when not on the CPU
@@ -85,6 +86,13 @@ class WorkerSide:
             self._layer_index[name] = index
             self._layers.append(self._block_view(tensor))
         block_bytes = self._layers[0].shape[1]
+        if self.client_factory is not None:
+            # NOTE: the daemon's slab size must hold one block (block_bytes); larger blocks
+            # are refused by the daemon and counted as save errors.
+            self.pool = self.client_factory()
+            logger.info("EMS worker in %s mode: %d layers of %d-byte blocks, %s loads",
+                        self.pool.mode, len(self._layers), block_bytes, self.load_mode)
+            return
 
         # A slab must hold one block; one entry per (vLLM block, layer) that fits.
         slab_size = max(default_slab_size(self.capacity_bytes),
