@@ -6,6 +6,7 @@
 #include <netinet/tcp.h>
 #include <poll.h>
 #include <sys/socket.h>
+#include <sys/time.h>
 #include <time.h>
 
 uint64_t ems_now_ms(void)
@@ -45,6 +46,24 @@ int ems_wait_readable(int fd, uint64_t deadline)
     return wait_for(fd, POLLIN, deadline);
 }
 
+/* Sets SO_RCVTIMEO or SO_SNDTIMEO to the time left until the deadline, so one blocking
+ * call moves a whole buffer: a syscall per buffer instead of a poll and a syscall per
+ * chunk the kernel hands over. Returns 0, or -ETIMEDOUT when the deadline has passed. */
+static int arm_timeout(int fd, int option, uint64_t deadline)
+{
+    struct timeval tv = {0, 0};   /* zero: no timeout */
+    if (deadline != EMS_NO_DEADLINE) {
+        uint64_t now = ems_now_ms();
+        if (now >= deadline)
+            return -ETIMEDOUT;
+        uint64_t left = deadline - now;
+        tv.tv_sec = (time_t)(left / 1000);
+        tv.tv_usec = (suseconds_t)(left % 1000) * 1000;
+    }
+    setsockopt(fd, SOL_SOCKET, option, &tv, sizeof tv);
+    return 0;
+}
+
 int ems_send_all(int fd, struct iovec *iov, int iovcnt, uint64_t deadline)
 {
     while (iovcnt > 0) {
@@ -53,17 +72,15 @@ int ems_send_all(int fd, struct iovec *iov, int iovcnt, uint64_t deadline)
             iovcnt--;
             continue;
         }
+        int rc = arm_timeout(fd, SO_SNDTIMEO, deadline);
+        if (rc < 0)
+            return rc;
         struct msghdr msg = {.msg_iov = iov, .msg_iovlen = (size_t)(iovcnt > 1024 ? 1024 : iovcnt)};
-        ssize_t sent = sendmsg(fd, &msg, MSG_NOSIGNAL | MSG_DONTWAIT);
+        ssize_t sent = sendmsg(fd, &msg, MSG_NOSIGNAL);
         if (sent < 0) {
-            if (errno == EINTR)
-                continue;
-            if (errno != EAGAIN && errno != EWOULDBLOCK)
-                return -errno;
-            int ready = wait_for(fd, POLLOUT, deadline);
-            if (ready <= 0)
-                return ready == 0 ? -ETIMEDOUT : ready;
-            continue;
+            if (errno == EINTR || errno == EAGAIN || errno == EWOULDBLOCK)
+                continue;   /* the deadline check above ends a timed-out wait */
+            return -errno;
         }
         size_t left = (size_t)sent;
         while (iovcnt > 0 && left >= iov->iov_len) {
@@ -83,7 +100,10 @@ int ems_recv_all(int fd, void *buf, size_t len, uint64_t deadline)
 {
     uint8_t *p = buf;
     while (len > 0) {
-        ssize_t got = recv(fd, p, len, MSG_DONTWAIT);
+        int rc = arm_timeout(fd, SO_RCVTIMEO, deadline);
+        if (rc < 0)
+            return rc;
+        ssize_t got = recv(fd, p, len, MSG_WAITALL);
         if (got > 0) {
             p += got;
             len -= (size_t)got;
@@ -91,13 +111,8 @@ int ems_recv_all(int fd, void *buf, size_t len, uint64_t deadline)
         }
         if (got == 0)
             return -ECONNRESET;
-        if (errno == EINTR)
-            continue;
-        if (errno != EAGAIN && errno != EWOULDBLOCK)
+        if (errno != EINTR && errno != EAGAIN && errno != EWOULDBLOCK)
             return -errno;
-        int ready = wait_for(fd, POLLIN, deadline);
-        if (ready <= 0)
-            return ready == 0 ? -ETIMEDOUT : ready;
     }
     return 0;
 }

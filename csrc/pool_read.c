@@ -282,3 +282,37 @@ int ems_pool_stats(ems_pool_t *pool, ems_pool_stats_t *stats, ems_class_stats_t 
     }
     return (int)used_classes;
 }
+
+int64_t ems_pool_pin(ems_pool_t *pool, const uint8_t key[EMS_KEY_BYTES], uint64_t want,
+                     const uint8_t **data, uint32_t *pin)
+{
+    if (!pool->owner)
+        return -EPERM;
+    uint64_t word;
+    if (ems_index_lookup(&pool->index, key, &word) != 1) {
+        count_miss(pool);
+        return -ENOENT;
+    }
+    uint32_t id = EMS_SLOT_ENTRY(word) - 1;
+    if (!ems_entry_pin(pool, id, EMS_SLOT_GEN(word))) {
+        count_miss(pool);
+        return -ENOENT;
+    }
+    ems_entry_t *e = &pool->entries[id];
+    uint64_t length = e->length;
+    if (length != want) {
+        ems_entry_unpin(pool, id);
+        return -EMSGSIZE;
+    }
+    if (!(atomic_load_explicit(&e->flags, memory_order_relaxed) & EMS_FLAG_REF))
+        atomic_fetch_or_explicit(&e->flags, EMS_FLAG_REF, memory_order_relaxed);
+    count_hit(pool);
+    *data = ems_block_ptr(pool, e->slab, e->slot, length);
+    *pin = id;
+    return (int64_t)length;
+}
+
+void ems_pool_unpin(ems_pool_t *pool, uint32_t pin)
+{
+    ems_entry_unpin(pool, pin);
+}

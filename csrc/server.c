@@ -292,8 +292,16 @@ static int read_header(ems_srv_conn_t *conn, uint8_t header[EMS_FRAME_HEADER_BYT
     ssize_t peek = recv(conn->fd, header, 1, MSG_PEEK | MSG_DONTWAIT);
     if (peek == 0)
         return 1;
-    return ems_recv_all(conn->fd, header, EMS_FRAME_HEADER_BYTES,
-                        ems_deadline_in(server->cfg.io_timeout_ms));
+    if (peek < 0 && errno != EAGAIN && errno != EINTR)
+        return -errno;
+    int rc = ems_recv_all(conn->fd, header, EMS_FRAME_HEADER_BYTES,
+                          ems_deadline_in(server->cfg.io_timeout_ms));
+    /* A header has begun, so an end of stream now cuts a frame in two: worth a log line,
+     * unlike a close between frames. */
+    if (rc == -ECONNRESET)
+        ems_srv_log(server, "connection from %s closed in the middle of a frame header",
+                    conn->peer);
+    return rc;
 }
 
 static void *conn_main(void *arg)

@@ -164,32 +164,67 @@ static int op_get(ems_srv_conn_t *conn, const ems_frame_t *req)
     if (parse_batch(conn, req, 8, &n, &arg) < 0)
         return 0;
     const uint8_t *lengths = conn->in + BATCH_HEAD + n * EMS_KEY_BYTES;
-    uint64_t want = 8 * n;
-    for (uint64_t i = 0; i < n; i++)
-        want += ems_get64(lengths + 8 * i);
-    if (want > conn->server->cfg.max_payload)
+    uint64_t limit = conn->server->cfg.max_payload, want = 8 * n;
+    /* Each length is capped before it is added, so crafted lengths cannot wrap the sum
+     * around to a small value and overrun conn->out. */
+    for (uint64_t i = 0; i < n && want <= limit; i++) {
+        uint64_t length = ems_get64(lengths + 8 * i);
+        want += length <= limit ? length : limit + 1;
+    }
+    if (want > limit)
         return reject(conn, req, EMS_STATUS_TOO_LARGE, "GET response would exceed the payload limit");
-    if (out_room(conn, req, want) < 0)
+    if (out_room(conn, req, 8 * n) < 0)
         return 0;
+    struct iovec *iov = malloc((size_t)(n + 2) * sizeof *iov);
+    uint32_t *pins = malloc((size_t)(n ? n : 1) * sizeof *pins);
+    if (!iov || !pins) {
+        free(iov);
+        free(pins);
+        return reject(conn, req, EMS_STATUS_INTERNAL, "out of memory");
+    }
 
-    /* Copy each hit after the results table, in key order. */
+    /* Pin each hit and point an iovec at its slot: the blocks go from the pool to the
+     * socket without a copy, after the results table, in key order. */
     ems_pool_t *pool = conn->server->cfg.pool;
     uint64_t off = 8 * n, hits = 0;
+    int niov = 2;
+    uint32_t crc = 0;
     for (uint64_t i = 0; i < n; i++) {
-        uint64_t actual = 0, length = ems_get64(lengths + 8 * i);
+        uint64_t length = ems_get64(lengths + 8 * i);
+        const uint8_t *data = NULL;
         int64_t rc = length == 0 ? -EINVAL
-                                 : ems_pool_get(pool, conn->keys + i * EMS_KEY_BYTES,
-                                                conn->out + off, length, &actual);
+                                 : ems_pool_pin(pool, conn->keys + i * EMS_KEY_BYTES, length,
+                                                &data, &pins[hits]);
         ems_put64(conn->out + 8 * i, (uint64_t)rc);
         if (rc > 0) {
+            iov[niov].iov_base = (void *)data;
+            iov[niov++].iov_len = (size_t)rc;
             off += (uint64_t)rc;
             hits++;
         }
     }
+    crc = ems_crc32c(0, conn->out, 8 * n);
+    for (int i = 2; i < niov; i++)
+        crc = ems_crc32c(crc, iov[i].iov_base, iov[i].iov_len);
+
+    ems_frame_t resp = {.version = conn->version, .opcode = req->opcode,
+                        .request_id = req->request_id, .payload_len = (uint32_t)off,
+                        .payload_crc = off ? crc : 0, .flags = EMS_FRAME_RESPONSE};
+    uint8_t header[EMS_FRAME_HEADER_BYTES];
+    ems_frame_encode(&resp, header);
+    iov[0] = (struct iovec){header, sizeof header};
+    iov[1] = (struct iovec){conn->out, 8 * n};
+    int rc = ems_send_all(conn->fd, iov, niov, ems_deadline_in(conn->server->cfg.io_timeout_ms));
+    for (uint64_t i = 0; i < hits; i++)
+        ems_pool_unpin(pool, pins[i]);
+    free(iov);
+    free(pins);
+
     COUNT(conn, gets, n);
     COUNT(conn, get_hits, hits);
     COUNT(conn, get_misses, n - hits);
-    return respond_ok(conn, req, conn->out, off, NULL, 0);
+    COUNT(conn, bytes_out, sizeof header + off);
+    return rc < 0 ? -1 : 0;
 }
 
 /* Receives `len` payload bytes into dst (or discards them when dst is NULL), extending
@@ -224,6 +259,14 @@ static void abort_all(ems_pool_t *pool, ems_reservation_t *r, const int64_t *res
             ems_pool_abort(pool, &r[i]);
 }
 
+/* Logs a PUT whose payload stopped arriving; returns -1 so the caller closes. */
+static int put_broke_off(ems_srv_conn_t *conn, int rc)
+{
+    ems_srv_log(conn->server, "PUT from %s broke off: %s; nothing of it was stored", conn->peer,
+                strerror(-rc));
+    return -1;
+}
+
 static int op_put(ems_srv_conn_t *conn, const ems_frame_t *req)
 {
     ems_server_t *server = conn->server;
@@ -232,8 +275,11 @@ static int op_put(ems_srv_conn_t *conn, const ems_frame_t *req)
     /* Step 1: the batch head, keys and lengths. A malformed head closes the connection:
      * the rest of the payload cannot be skipped safely. */
     uint8_t head[BATCH_HEAD];
-    if (req->payload_len < BATCH_HEAD || ems_recv_all(conn->fd, head, BATCH_HEAD, deadline) < 0)
+    if (req->payload_len < BATCH_HEAD)
         return refuse(conn, req, EMS_STATUS_BAD_REQUEST, "PUT shorter than a batch head");
+    int rc = ems_recv_all(conn->fd, head, BATCH_HEAD, deadline);
+    if (rc < 0)
+        return put_broke_off(conn, rc);
     uint64_t n = ems_get32(head);
     uint64_t table = n * (EMS_KEY_BYTES + 8);
     if (BATCH_HEAD + table > req->payload_len)
@@ -241,13 +287,17 @@ static int op_put(ems_srv_conn_t *conn, const ems_frame_t *req)
     if (ems_srv_reserve_buf(&conn->in, &conn->in_cap, table + 1) < 0 ||
         ems_srv_reserve_buf(&conn->keys, &conn->keys_cap, n * EMS_KEY_BYTES + 1) < 0)
         return refuse(conn, req, EMS_STATUS_INTERNAL, "out of memory");
-    if (ems_recv_all(conn->fd, conn->in, table, deadline) < 0)
-        return -1;
+    rc = ems_recv_all(conn->fd, conn->in, table, deadline);
+    if (rc < 0)
+        return put_broke_off(conn, rc);
     uint32_t crc = ems_crc32c(ems_crc32c(0, head, BATCH_HEAD), conn->in, table);
     const uint8_t *lengths = conn->in + n * EMS_KEY_BYTES;
     uint64_t data = 0, max_block = ems_pool_max_block(server->cfg.pool);
-    for (uint64_t i = 0; i < n; i++)
-        data += ems_get64(lengths + 8 * i);
+    /* Capped like GET's sum, so lengths that wrap around cannot pass the check below. */
+    for (uint64_t i = 0; i < n && data <= req->payload_len; i++) {
+        uint64_t length = ems_get64(lengths + 8 * i);
+        data += length <= req->payload_len ? length : (uint64_t)req->payload_len + 1;
+    }
     if (BATCH_HEAD + table + data != req->payload_len)
         return refuse(conn, req, EMS_STATUS_BAD_REQUEST, "PUT lengths do not add up to the payload");
     ems_tenant_keys(conn->salt, conn->in, n, conn->keys);
@@ -268,7 +318,6 @@ static int op_put(ems_srv_conn_t *conn, const ems_frame_t *req)
         if (results[i] == 0 && r[i].exists)
             results[i] = 1;
     }
-    int rc = 0;
     for (uint64_t i = 0; i < n && rc == 0; i++)
         rc = recv_part(conn, results[i] == 0 ? r[i].data : NULL, ems_get64(lengths + 8 * i), &crc,
                        deadline);
@@ -277,9 +326,7 @@ static int op_put(ems_srv_conn_t *conn, const ems_frame_t *req)
         abort_all(server->cfg.pool, r, results, n);
         free(r);
         free(results);
-        ems_srv_log(server, "PUT from %s broke off: %s; nothing of it was stored", conn->peer,
-                    strerror(-rc));
-        return -1;
+        return put_broke_off(conn, rc);
     }
 
     /* Step 3: publish only a payload that arrived intact. */
@@ -538,8 +585,11 @@ int ems_srv_dispatch(ems_srv_conn_t *conn, const ems_frame_t *req)
     int rc = ems_srv_read_payload(conn, req);
     if (rc == -EBADMSG)
         return reject(conn, req, EMS_STATUS_BAD_REQUEST, "payload checksum mismatch");
-    if (rc < 0)
+    if (rc < 0) {
+        ems_srv_log(conn->server, "payload of opcode %u from %s did not arrive: %s; closing",
+                    op, conn->peer, strerror(-rc));
         return -1;
+    }
 
     switch (op) {
     case EMS_OP_PING: {

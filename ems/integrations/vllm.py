@@ -129,9 +129,13 @@ class EMSConnector(KVConnectorBase_V1):
             self.worker = WorkerSide(self.config.pool_name, self.config.pool_capacity_bytes,
                                      self.config.pool_pages, self.config.load_mode,
                                      self.config.async_saves, client_factory=client_factory)
-        logger.info("EMS connector (%s) for %s, %s", role.name, space.model,
+        # The namespace, block size and layer count are what `ems route` needs to find
+        # this engine's blocks.
+        logger.info("EMS connector (%s) for %s, %s, namespace %s, block size %d, %d layers",
+                    role.name, space.model,
                     f"pool {self.config.pool_name}" if client_factory is None
-                    else f"{self.config.mode} mode")
+                    else f"{self.config.mode} mode", space.namespace().hex(), self.block_size,
+                    space.layout.num_layers)
 
     @property
     def requires_kv_delivery(self) -> bool:
