@@ -55,8 +55,10 @@ def connect(mode: str | None = None, *, capacity_bytes: int | None = None,
     peers = peers or env.get("EMS_PEERS") or None
     tenant = tenant or env.get("EMS_TENANT") or "default"
     secret = secret if secret is not None else load_secret()
-    mode = mode or env.get("EMS_MODE") or (
-        "cluster" if zookeeper or peers else "local" if socket_path else "embedded")
+    if not mode:
+        mode = env.get("EMS_MODE")
+    if not mode:
+        mode = "cluster" if zookeeper or peers else ("local" if socket_path else "embedded")
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
 
@@ -78,7 +80,7 @@ def connect(mode: str | None = None, *, capacity_bytes: int | None = None,
 
 
 def load_secret() -> bytes | None:
-    """The cluster secret from EMS_SECRET or the file named by EMS_SECRET_FILE, or None."""
+    """Return the cluster secret from EMS_SECRET or the file named by EMS_SECRET_FILE, or None."""
     if os.environ.get("EMS_SECRET"):
         return os.environ["EMS_SECRET"].encode()
     path = os.environ.get("EMS_SECRET_FILE")
