@@ -110,8 +110,12 @@ static int exchange(ems_conn_t *conn, uint16_t op, struct iovec *parts, int npar
         rc = ems_recv_all(conn->fd, in, sizeof in, deadline);
     if (rc == 0)
         rc = ems_frame_decode(in, conn->max_payload, resp);
-    if (rc == 0 && (!(resp->flags & EMS_FRAME_RESPONSE) || resp->request_id != req.request_id ||
-                    (resp->status == 0 && resp->opcode != op)))
+    /* An error status with request id 0 belongs to no request. The server rejected the
+     * connection (BUSY at its connection limit) or a header it could not decode. */
+    int rejected = rc == 0 && resp->request_id == 0 && resp->status != EMS_STATUS_OK;
+    if (rc == 0 && !rejected &&
+        (!(resp->flags & EMS_FRAME_RESPONSE) || resp->request_id != req.request_id ||
+         (resp->status == 0 && resp->opcode != op)))
         rc = -EPROTO;
     if (rc == 0 && resp->status != EMS_STATUS_OK)
         rc = status_errno(resp->status);
@@ -219,6 +223,10 @@ static int handshake(ems_conn_t *conn, const ems_conn_config_t *cfg, uint64_t de
         say(error, error_len, "the server speaks no protocol version this client speaks");
         return rc;
     }
+    if (rc == -EBUSY) {
+        say(error, error_len, "the server is at its connection limit; retry later");
+        return rc;
+    }
     if (rc < 0) {
         say(error, error_len, rc == -EINVAL ? "the server refused the HELLO (bad tenant or role)"
                                             : "the handshake failed");
@@ -261,9 +269,7 @@ int ems_conn_open(const ems_conn_config_t *cfg, ems_conn_t **out, char *error, s
     int rc = connect_socket(cfg, deadline, &conn->fd);
     if (rc < 0) {
         char text[160];
-        snprintf(text, sizeof text, "cannot connect to %s%s%u: %s",
-                 cfg->unix_path ? cfg->unix_path : (cfg->host ? cfg->host : "?"),
-                 cfg->unix_path ? "" : ":", cfg->unix_path ? 0 : cfg->port, strerror(-rc));
+        snprintf(text, sizeof text, "cannot connect: %s", strerror(-rc));
         say(error, error_len, text);
         free(conn);
         return rc;

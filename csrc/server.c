@@ -296,7 +296,7 @@ static int read_header(ems_srv_conn_t *conn, uint8_t header[EMS_FRAME_HEADER_BYT
         return -errno;
     int rc = ems_recv_all(conn->fd, header, EMS_FRAME_HEADER_BYTES,
                           ems_deadline_in(server->cfg.io_timeout_ms));
-    /* A header has begun, so an end of stream now cuts a frame in two: worth a log line,
+    /* A header has begun, so an end of stream here cuts a frame in two. That is logged,
      * unlike a close between frames. */
     if (rc == -ECONNRESET)
         ems_srv_log(server, "connection from %s closed in the middle of a frame header",

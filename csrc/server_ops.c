@@ -166,7 +166,7 @@ static int op_get(ems_srv_conn_t *conn, const ems_frame_t *req)
     const uint8_t *lengths = conn->in + BATCH_HEAD + n * EMS_KEY_BYTES;
     uint64_t limit = conn->server->cfg.max_payload, want = 8 * n;
     /* Each length is capped before it is added, so crafted lengths cannot wrap the sum
-     * around to a small value and overrun conn->out. */
+     * around to a small value and slip past the payload limit. */
     for (uint64_t i = 0; i < n && want <= limit; i++) {
         uint64_t length = ems_get64(lengths + 8 * i);
         want += length <= limit ? length : limit + 1;
@@ -259,7 +259,7 @@ static void abort_all(ems_pool_t *pool, ems_reservation_t *r, const int64_t *res
             ems_pool_abort(pool, &r[i]);
 }
 
-/* Logs a PUT whose payload stopped arriving; returns -1 so the caller closes. */
+/* Logs a PUT whose payload stopped arriving and returns -1, so the caller closes. */
 static int put_broke_off(ems_srv_conn_t *conn, int rc)
 {
     ems_srv_log(conn->server, "PUT from %s broke off: %s; nothing of it was stored", conn->peer,

@@ -113,8 +113,10 @@ def tenant_keys(str tenant, keys):
 
 
 cdef bytes _tenant_bytes(str tenant):
-    name = tenant.encode("ascii", "replace")
-    if not 1 <= len(name) <= 64 or any(c < 0x21 or c > 0x7e for c in name):
+    # Strict ASCII: replacing other characters would merge distinct tenants ("caf?").
+    name = tenant.encode("ascii", "ignore")
+    if len(name) != len(tenant) or not 1 <= len(name) <= 64 or \
+            any(c < 0x21 or c > 0x7e for c in name):
         raise ValueError(f"tenant {tenant!r} is invalid: use 1 to 64 printable ASCII "
                          "characters without spaces")
     return name

@@ -3,6 +3,9 @@
     ems serve ...                  run a node daemon (python -m ems.serve)
     ems replay --model DIR ...     multi-turn replay through vLLM (python -m ems.replay)
     ems build-model DIR ...        the local random-weight model (python -m ems.tools.build_model)
+    ems stats [--watch SECONDS]    pool statistics of every daemon (python -m ems.admin stats)
+    ems nodes                      cluster members and PING times (python -m ems.admin nodes)
+    ems route --tokens ... ...     the node with the longest cached prefix (python -m ems.admin route)
 
 Each subcommand takes the options of the module it runs; `ems SUBCOMMAND --help` lists them.
 """
@@ -12,6 +15,9 @@ import sys
 
 SUBCOMMANDS = {
     "serve": ("ems.serve", "run a node daemon: DRAM pool, transfer server, directory shard"),
+    "stats": ("ems.admin:stats_main", "pool statistics of every daemon, by node and tier"),
+    "nodes": ("ems.admin:nodes_main", "cluster members, their addresses and PING times"),
+    "route": ("ems.admin:route_main", "find the node with the longest cached prefix of a prompt"),
     "replay": ("ems.replay.__main__", "multi-turn replay of real conversations through vLLM"),
     "build-model": ("ems.tools.build_model", "build the small random-weight model and tokenizer"),
 }
@@ -34,8 +40,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import importlib
 
-    module = importlib.import_module(SUBCOMMANDS[name][0])
-    return module.main(rest) or 0
+    # An entry names "module" (its main() runs) or "module:function".
+    module_name, _, function = SUBCOMMANDS[name][0].partition(":")
+    module = importlib.import_module(module_name)
+    return getattr(module, function or "main")(rest) or 0
 
 
 if __name__ == "__main__":
