@@ -25,7 +25,7 @@ import numpy as np
 from ems import _core
 from ems.cluster.membership import Membership, NodeRecord, open_membership
 from ems.cluster.placement import Node, owners
-from ems.errors import TransferError
+from ems.errors import PoolClosedError, TransferError
 from ems.pool import Pool
 
 logger = logging.getLogger(__name__)
@@ -75,8 +75,12 @@ def connect(mode: str | None = None, *, capacity_bytes: int | None = None,
     if not zookeeper and not peers:
         raise ValueError("cluster mode needs zookeeper (EMS_ZOOKEEPER) or peers (EMS_PEERS)")
     membership = open_membership(zookeeper, peers, cluster)
-    return ClusterClient(membership, socket_path=socket_path, secret=secret, tenant=tenant,
-                         timeout_ms=timeout_ms)
+    try:
+        return ClusterClient(membership, socket_path=socket_path, secret=secret,
+                             tenant=tenant, timeout_ms=timeout_ms)
+    except BaseException:
+        membership.close()   # else its ZooKeeper session and threads outlive the failure
+        raise
 
 
 def load_secret() -> bytes | None:
@@ -231,6 +235,8 @@ class ClusterClient(_AsyncCalls):
         self._local_lock = threading.Lock()
         self._local = None
         self._reader = None
+        self._socket_path = None
+        self._local_retry_at = 0.0      # monotonic time of the next attach attempt
         self._local_node_id = None
         self._last_error_log = 0.0
 
@@ -253,14 +259,22 @@ class ClusterClient(_AsyncCalls):
     def _attach_local(self, socket_path: str) -> None:
         """Connect to the daemon's Unix socket, map its pool (read-write, to fill
         reservations) and attach a reader for shared-memory gets."""
-        self._local = _core.Connection(unix_path=socket_path, secret=self.secret,
-                                       tenant=self.tenant, timeout_ms=self.timeout_ms)
-        fd = self._local.local_attach()
+        local = _core.Connection(unix_path=socket_path, secret=self.secret,
+                                 tenant=self.tenant, timeout_ms=self.timeout_ms)
+        reader = None
         try:
-            self._reader = Pool.attach(fd)
-        finally:
-            os.close(fd)
-        stats = self._local.stats()
+            fd = local.local_attach()
+            try:
+                reader = Pool.attach(fd)
+            finally:
+                os.close(fd)
+            stats = local.stats()
+        except BaseException:
+            if reader is not None:
+                reader.close()
+            local.close()
+            raise
+        self._local, self._reader, self._socket_path = local, reader, socket_path
         self._local_holder = int(stats["node_id"])
         if self.membership is not None:
             for record in self.membership.nodes().values():
@@ -268,6 +282,38 @@ class ClusterClient(_AsyncCalls):
                     self._local_node_id = record.node_id
         logger.info("attached to the local daemon at %s (%s pages)", socket_path,
                     self._reader.page_kind)
+
+    def _reattach_local(self) -> None:
+        """Attach again after the connection to the local daemon broke, at most once per
+        PEER_BACKOFF_S. A restarted daemon serves a new pool, so the old connection and
+        mapping are closed. Only put_many calls it, because reads do not use the
+        connection: a client that only reads keeps the old mapping, and its misses go to
+        the holders."""
+        with self._local_lock:
+            now = time.monotonic()
+            if self._local.alive or now < self._local_retry_at:
+                return
+            self._local_retry_at = now + PEER_BACKOFF_S
+            old_local, old_reader = self._local, self._reader
+            try:
+                self._attach_local(self._socket_path)
+            except OSError as exc:   # TransferError, AttachError: the daemon is still down
+                self._note_error(f"attaching again to the local daemon at "
+                                 f"{self._socket_path}", exc)
+                return
+            old_local.close()
+            old_reader.close()
+
+    def _read_local(self, method: str, *args):
+        """Call a method of the shared-memory reader. Returns None when there is no reader
+        or when _reattach_local closed it in another thread meanwhile."""
+        reader = self._reader
+        if reader is None:
+            return None
+        try:
+            return getattr(reader, method)(*args)
+        except PoolClosedError:
+            return None
 
     def _nodes(self) -> dict[str, NodeRecord]:
         return self.membership.nodes() if self.membership is not None else {}
@@ -313,7 +359,7 @@ class ClusterClient(_AsyncCalls):
         hits = [False] * len(keys)
         if self._reader is not None and keys:
             stored = _core.tenant_keys(self.tenant, keys)
-            hits = self._reader.get_many_into(stored, list(buffers))
+            hits = self._read_local("get_many_into", stored, list(buffers)) or hits
             self.counters["local_hits"] += sum(hits)
         missing = [i for i, hit in enumerate(hits) if not hit]
         if missing and self.membership is not None:
@@ -373,7 +419,8 @@ class ClusterClient(_AsyncCalls):
         keys = _key_list(keys)
         present = [False] * len(keys)
         if self._reader is not None and keys:
-            present = self._reader.exists_many(_core.tenant_keys(self.tenant, keys))
+            stored = _core.tenant_keys(self.tenant, keys)
+            present = self._read_local("exists_many", stored) or present
         missing = [i for i, p in enumerate(present) if not p]
         if missing and self.membership is not None:
             holders = self._lookup([keys[i] for i in missing])
@@ -388,7 +435,7 @@ class ClusterClient(_AsyncCalls):
             return 0
         local = 0
         if self._reader is not None:
-            local = self._reader.match_prefix(_core.tenant_keys(self.tenant, keys))
+            local = self._read_local("match_prefix", _core.tenant_keys(self.tenant, keys)) or 0
         if local == len(keys) or self.membership is None:
             return local
         rest = self.exists_many(keys[local:]) if self._reader is None else \
@@ -407,6 +454,8 @@ class ClusterClient(_AsyncCalls):
         if len(datas) != len(keys):
             raise ValueError(f"put_many got {len(keys)} keys but {len(datas)} data buffers")
         sizes = [memoryview(d).nbytes for d in datas]
+        if self._local is not None and not self._local.alive:
+            self._reattach_local()
         if self._local is not None and self._local_has_room(sum(sizes)):
             return self._put_local(keys, datas, sizes)
         remote = self._remote_nodes()
@@ -417,8 +466,8 @@ class ClusterClient(_AsyncCalls):
     def _local_has_room(self, nbytes: int) -> bool:
         if self.membership is None or not self._remote_nodes():
             return True
-        stats = self._reader.stats()
-        return stats["bytes_free"] >= nbytes
+        stats = self._read_local("stats")
+        return stats is not None and stats["bytes_free"] >= nbytes
 
     def _put_local(self, keys, datas, sizes) -> int:
         stored = 0
@@ -460,8 +509,12 @@ class ClusterClient(_AsyncCalls):
         """Delete on the local daemon and on the key's holder."""
         deleted = False
         if self._local is not None:
-            with self._local_lock:
-                deleted = self._local.delete_many([key], timeout_ms=self.timeout_ms)[0] == 0
+            try:
+                with self._local_lock:
+                    deleted = self._local.delete_many([key],
+                                                      timeout_ms=self.timeout_ms)[0] == 0
+            except TransferError as exc:
+                self._note_error("DELETE at the local daemon", exc)
         holder = int(self._lookup([key])[0]) if self.membership is not None else HOLDER_NONE
         record = {r.holder_id(): r for r in self._nodes().values()}.get(holder)
         if record is not None and record.node_id != self._local_node_id:
@@ -483,8 +536,8 @@ class ClusterClient(_AsyncCalls):
 
     def stats(self) -> dict:
         out = {"mode": self.mode, "tenant": self.tenant, **self.counters}
-        if self._reader is not None:
-            reader = self._reader.stats()
+        reader = self._read_local("stats")
+        if reader is not None:
             out["shared_memory_hits"] = reader["reader_hits"]
             out["shared_memory_misses"] = reader["reader_misses"]
         return out

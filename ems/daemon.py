@@ -5,8 +5,9 @@ shard of the key directory, registers in the cluster membership, announces the k
 stores to their directory shards, and publishes Prometheus metrics over HTTP.
 
 Threads: the C server's own (data path, no Python); one Python "pump" that forwards the
-server's log lines, announces new keys in batches and refreshes the membership record;
-the metrics HTTP server. The data path never waits on ZooKeeper or on this module.
+server's log lines, announces new keys in batches, pings the other nodes to notice a
+restart and refreshes the membership record; the metrics HTTP server. The data path never
+waits on ZooKeeper or on this module.
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ logger = logging.getLogger("ems.daemon")
 
 PUMP_INTERVAL_S = 0.05        # how often new keys are announced and log lines forwarded
 RECORD_INTERVAL_S = 5.0       # how often the membership record's free bytes are refreshed
+PEER_CHECK_INTERVAL_S = 1.0   # how often other nodes are pinged to notice a restart
 ANNOUNCE_BATCH = 65536        # keys per directory registration call
 NODE_TENANT = "node"          # tenant name of daemon-to-daemon connections
 
@@ -74,7 +76,8 @@ class Daemon:
         self._stop = threading.Event()
         self._reannounce = threading.Event()
         self._pump_thread = None
-        self._node_conns: dict[str, _core.Connection] = {}
+        self._node_conns: dict[str, _core.Connection] = {}   # used by the pump thread only
+        self._unreachable: set[str] = set()   # node ids whose last ping or announce failed
         self._last_warning: dict[str, float] = {}
         self.announced = 0
 
@@ -161,9 +164,8 @@ class Daemon:
             forgotten = self.server.dir_forget(self.nodes[node_id].holder_id())
             logger.info("dropped %d directory entries that pointed to lost node %s",
                         forgotten, node_id)
-            conn = self._node_conns.pop(node_id, None)
-            if conn is not None:
-                conn.close()
+        # The pump closes the connections of lost nodes (_check_peers): a Connection is
+        # not thread-safe, and this runs on the membership's thread.
         self.nodes = dict(nodes)
         if old != new:
             self._reannounce.set()
@@ -171,19 +173,22 @@ class Daemon:
     # -- the pump thread --
 
     def _pump(self) -> None:
-        last_record = time.monotonic()
+        last_record = last_check = time.monotonic()
         while not self._stop.wait(PUMP_INTERVAL_S):
             try:
                 self._forward_log()
                 if self._reannounce.is_set():
                     self._reannounce.clear()
-                    self._announce_all()
+                    self._announce_all("after a membership change")
                 keys, dropped = self.server.take_new_keys(ANNOUNCE_BATCH)
                 if dropped:
                     logger.warning("%d new keys were not announced (queue overflow); they "
                                    "stay readable locally", dropped)
                 if keys:
                     self._announce(keys)
+                if time.monotonic() - last_check > PEER_CHECK_INTERVAL_S:
+                    last_check = time.monotonic()
+                    self._check_peers()
                 if time.monotonic() - last_record > RECORD_INTERVAL_S:
                     last_record = time.monotonic()
                     self._refresh_record()
@@ -194,18 +199,53 @@ class Daemon:
         for line in self.server.take_log():
             logger.warning("transfer server: %s", line)
 
+    def _check_peers(self) -> None:
+        """Ping every other node, and re-announce this node's keys when one responds again
+        after a failure, because a restarted node starts with an empty directory shard. With
+        static peers no membership change reports the restart.
+
+        NOTE: the pings run one after another on this thread, so each peer that does not
+        respond delays announcements by up to peer_timeout_ms per check.
+        """
+        nodes = dict(self.nodes)
+        for node_id in [n for n in self._node_conns if n not in nodes]:
+            self._drop_node_conn(node_id)
+        self._unreachable &= set(nodes)
+        recovered = []
+        for node_id, record in sorted(nodes.items()):
+            if node_id == self.config.node_id:
+                continue
+            try:
+                self._node_conn(record).ping(timeout_ms=self.config.peer_timeout_ms)
+            except TransferError as exc:
+                self._drop_node_conn(node_id)
+                if node_id not in self._unreachable:
+                    self._unreachable.add(node_id)
+                    logger.warning("ping to node %s failed: %s", node_id, exc)
+                continue
+            if node_id in self._unreachable:
+                self._unreachable.discard(node_id)
+                recovered.append(node_id)
+        if recovered:
+            self._announce_all(f"after node {', '.join(recovered)} responded again")
+
+    def _drop_node_conn(self, node_id: str) -> None:
+        conn = self._node_conns.pop(node_id, None)
+        if conn is not None:
+            conn.close()
+
     def _refresh_record(self) -> None:
         free = self.pool.stats()["bytes_free"]
         if free != self.record.free_bytes:
             self.record = replace(self.record, free_bytes=free)
             self.membership.update(self.record)
 
-    def _announce_all(self) -> None:
+    def _announce_all(self, reason: str) -> None:
         total = 0
         for chunk in self.pool.keys(ANNOUNCE_BATCH):
             self._announce(chunk)
             total += len(chunk) // 32
-        logger.info("re-announced %d keys to the directory after a membership change", total)
+        logger.info("re-announced %d keys to the directory %s", total, reason)
 
     def _announce(self, stored: bytes) -> None:
         """Register stored keys with their directory shards, one call per shard."""
@@ -227,7 +267,8 @@ class Daemon:
                                                      timeout_ms=self.config.peer_timeout_ms)
                 self.announced += len(batch) // 32
             except TransferError as exc:
-                self._node_conns.pop(record.node_id, None)
+                self._drop_node_conn(record.node_id)
+                self._unreachable.add(record.node_id)   # re-announced when a ping succeeds
                 self._warn_once(record.node_id, "announcing %d keys to node %s failed: %s; "
                                 "they stay readable through this node", len(batch) // 32,
                                 record.node_id, exc)

@@ -59,7 +59,8 @@ def daemon_env(run_dir: str, secret: str | None = SECRET) -> dict:
 def start(daemon: DaemonProcess, run_dir: str, *, peers: str | None = None,
           zookeeper: str | None = None, capacity: str = "128M", secret: str | None = SECRET,
           extra: tuple = (), timeout: float = 20.0) -> DaemonProcess:
-    """Start the daemon and wait until its socket and TCP port answer."""
+    """Start the daemon and wait until it logs that it serves (after it joined the
+    membership) and its socket and TCP port accept connections."""
     args = [sys.executable, "-m", "ems.cli", "serve", "--node-id", daemon.node_id,
             "--capacity", capacity, "--pages", "small", "--port", str(daemon.port),
             "--metrics-port", str(daemon.metrics_port), "--socket", daemon.socket_path,
@@ -68,6 +69,9 @@ def start(daemon: DaemonProcess, run_dir: str, *, peers: str | None = None,
         args += ["--peers", peers]
     if zookeeper:
         args += ["--zookeeper", zookeeper]
+    # The log is shared by restarts of the same node, so wait for one more "serving" line.
+    serving = f"node {daemon.node_id} serving"
+    started_before = daemon.log().count(serving) if os.path.exists(daemon.log_path) else 0
     log = open(daemon.log_path, "a")
     daemon.process = subprocess.Popen(args, env=daemon_env(run_dir, secret), stdout=log,
                                       stderr=subprocess.STDOUT, start_new_session=True)
@@ -77,7 +81,10 @@ def start(daemon: DaemonProcess, run_dir: str, *, peers: str | None = None,
         if daemon.process.poll() is not None:
             raise RuntimeError(f"daemon {daemon.node_id} exited with {daemon.process.returncode}:"
                                f"\n{daemon.log()}")
-        if os.path.exists(daemon.socket_path) and _port_open(daemon.port):
+        # A socket file left by a killed daemon and a port bound before the membership
+        # check are no proof of a started daemon: the "serving" line is.
+        if daemon.log().count(serving) > started_before and \
+                os.path.exists(daemon.socket_path) and _port_open(daemon.port):
             return daemon
         time.sleep(0.05)
     stop(daemon)
