@@ -351,9 +351,7 @@ int ems_conn_get_many(ems_conn_t *conn, const uint8_t *keys, uint64_t n, void *c
             rc = -EPROTO;
             break;
         }
-        rc = ems_recv_all(conn->fd, dsts[i], lengths[i], deadline);
-        if (rc == 0)
-            crc = ems_crc32c(crc, dsts[i], lengths[i]);
+        rc = ems_recv_crc(conn->fd, dsts[i], lengths[i], deadline, &crc);
         got += lengths[i];
     }
     if (rc == 0 && got != resp.payload_len)

@@ -1,6 +1,8 @@
 #define _GNU_SOURCE
 #include "netio.h"
 
+#include "crc32c.h"
+
 #include <errno.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
@@ -113,6 +115,21 @@ int ems_recv_all(int fd, void *buf, size_t len, uint64_t deadline)
             return -ECONNRESET;
         if (errno != EINTR && errno != EAGAIN && errno != EWOULDBLOCK)
             return -errno;
+    }
+    return 0;
+}
+
+int ems_recv_crc(int fd, void *buf, size_t len, uint64_t deadline, uint32_t *crc)
+{
+    uint8_t *p = buf;
+    while (len > 0) {
+        size_t take = len < EMS_CRC_CHUNK ? len : EMS_CRC_CHUNK;
+        int rc = ems_recv_all(fd, p, take, deadline);
+        if (rc < 0)
+            return rc;
+        *crc = ems_crc32c(*crc, p, take);
+        p += take;
+        len -= take;
     }
     return 0;
 }

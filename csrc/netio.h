@@ -25,6 +25,12 @@ int ems_send_all(int fd, struct iovec *iov, int iovcnt, uint64_t deadline);
  * first, or the negative errno of recv. */
 int ems_recv_all(int fd, void *buf, size_t len, uint64_t deadline);
 
+/* ems_recv_all in chunks of EMS_CRC_CHUNK bytes, extending *crc (CRC-32C) over each
+ * chunk right after it arrives, while it is still in cache: one pass over memory instead
+ * of a receive pass and a checksum pass. */
+#define EMS_CRC_CHUNK (256u << 10)
+int ems_recv_crc(int fd, void *buf, size_t len, uint64_t deadline, uint32_t *crc);
+
 /* Waits until fd is readable. Returns 1 when readable, 0 on timeout, or a negative errno. */
 int ems_wait_readable(int fd, uint64_t deadline);
 

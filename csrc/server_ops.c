@@ -241,10 +241,9 @@ static int recv_part(ems_srv_conn_t *conn, uint8_t *dst, uint64_t len, uint32_t 
             take = len < DISCARD_CHUNK ? len : DISCARD_CHUNK;
             into = conn->out;
         }
-        int rc = ems_recv_all(conn->fd, into, take, deadline);
+        int rc = ems_recv_crc(conn->fd, into, take, deadline, crc);
         if (rc < 0)
             return rc;
-        *crc = ems_crc32c(*crc, into, take);
         if (dst)
             dst += take;
         len -= take;

@@ -1,13 +1,13 @@
 """`ems serve`: the node daemon.
 
-It owns a pool, serves it over TCP and a Unix socket with the C transfer server, holds one
-shard of the key directory, registers in the cluster membership, announces the keys it
+It owns a pool and serves it over TCP and a Unix socket with the C transfer server. It keeps
+one shard of the key directory, registers in the cluster membership, announces the keys it
 stores to their directory shards, and publishes Prometheus metrics over HTTP.
 
-Threads: the C server's own (data path, no Python); one Python "pump" that forwards the
-server's log lines, announces new keys in batches, pings the other nodes to notice a
-restart and refreshes the membership record; the metrics HTTP server. The data path never
-waits on ZooKeeper or on this module.
+Threads: the C server's own run the data path, with no Python. One Python "pump" thread
+forwards the server's log lines, announces new keys in batches, pings the other nodes to
+notice a restart and refreshes the membership record. The metrics HTTP server has its own
+thread. The data path never waits on ZooKeeper or on this module.
 """
 from __future__ import annotations
 

@@ -40,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="page kind of the pool (default: auto, hugetlb then THP then 4 KiB)")
     p.add_argument("--slab-size", default=None,
                    help="slab size, the largest block (default: from the capacity)")
+
     p.add_argument("--host", default="127.0.0.1", help="TCP listen address (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=7700, help="TCP port (default 7700; 0: any)")
     p.add_argument("--advertise", default=None,
@@ -51,12 +52,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="metrics HTTP listen address (default 127.0.0.1)")
     p.add_argument("--metrics-port", type=int, default=7701,
                    help="metrics HTTP port (default 7701; 0: any; -1: no metrics)")
+
     p.add_argument("--zookeeper", default=os.environ.get("EMS_ZOOKEEPER"),
                    help="ZooKeeper hosts, e.g. 127.0.0.1:2181 (default: EMS_ZOOKEEPER)")
     p.add_argument("--peers", default=os.environ.get("EMS_PEERS"),
                    help="static peers without ZooKeeper: id=host:port,... (default: EMS_PEERS)")
     p.add_argument("--cluster", default=os.environ.get("EMS_CLUSTER", "default"),
                    help="cluster name in ZooKeeper (default: EMS_CLUSTER or 'default')")
+
     p.add_argument("--secret-file", default=None,
                    help="file holding the cluster secret (default: EMS_SECRET or "
                         "EMS_SECRET_FILE; none means no authentication)")
