@@ -13,6 +13,7 @@ Routing in cluster mode (see docs/cluster.md):
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import socket
@@ -25,7 +26,8 @@ import numpy as np
 from ems import _core
 from ems.cluster.membership import Membership, NodeRecord, open_membership
 from ems.cluster.placement import Node, owners
-from ems.errors import PoolClosedError, TransferError
+from ems.errors import (AuthenticationError, BufferSizeError, PoolClosedError,
+                        ProtocolVersionError, TransferError)
 from ems.pool import Pool
 
 logger = logging.getLogger(__name__)
@@ -243,8 +245,26 @@ class ClusterClient(_AsyncCalls):
         socket_path = socket_path or self._find_local_socket()
         if socket_path:
             self._attach_local(socket_path)
+        elif self.membership is not None:
+            self._check_credentials()
 
     # -- set-up --
+
+    def _check_credentials(self) -> None:
+        """Open one connection to a member, so that a wrong secret or tenant fails here with
+        a clear error instead of turning every later call into a miss. An unreachable
+        cluster is only logged: it may come up later."""
+        for record in sorted(self._nodes().values(), key=lambda r: r.node_id):
+            try:
+                conn = _core.Connection(record.host, record.port, secret=self.secret,
+                                        tenant=self.tenant, timeout_ms=self.timeout_ms)
+            except (AuthenticationError, ProtocolVersionError):
+                raise
+            except TransferError:
+                continue
+            conn.close()
+            return
+        logger.warning("no node of the cluster answered yet; calls are misses until one does")
 
     def _find_local_socket(self) -> str | None:
         if self.membership is None:
@@ -387,6 +407,11 @@ class ClusterClient(_AsyncCalls):
                 except TransferError as exc:
                     self._note_error(f"GET from node {record.node_id}", exc)
                     break
+                for i, r in zip(chunk, results):
+                    if r == -errno.EMSGSIZE:
+                        raise BufferSizeError(
+                            f"destination buffer of {memoryview(buffers[i]).nbytes} bytes does "
+                            f"not match the block stored under key {keys[i].hex()}")
                 fetched.extend(i for i, r in zip(chunk, results) if r > 0)
         self.counters["remote_hits"] += len(fetched)
         return fetched

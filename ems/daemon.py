@@ -24,7 +24,7 @@ import numpy as np
 import ems
 from ems import _core
 from ems.client import directory_shards
-from ems.cluster.membership import NodeRecord, open_membership
+from ems.cluster.membership import NodeRecord, open_membership, parse_peers
 from ems.errors import TransferError
 from ems.metrics import start_metrics
 from ems.pool import Pool, run_dir
@@ -61,6 +61,24 @@ class DaemonConfig:
     peer_timeout_ms: int = 1000
 
 
+def check_peer_entry(cfg: DaemonConfig) -> None:
+    """Raise ValueError unless the static peer list names this node at its own address.
+
+    A node missing from the list, or listed at another address, would split the cluster:
+    the other nodes would route its keys elsewhere and never read its blocks."""
+    records = parse_peers(cfg.peers)
+    own = next((r for r in records if r.node_id == cfg.node_id), None)
+    if own is None:
+        raise ValueError(f"node id {cfg.node_id!r} is not in --peers ("
+                         f"{', '.join(r.node_id for r in records)}); list every node, this "
+                         "one included, with its address")
+    host = cfg.advertise_host or cfg.host
+    if own.host != host or (cfg.port and own.port != cfg.port):
+        raise ValueError(f"--peers lists node {cfg.node_id!r} at {own.host}:{own.port}, but "
+                         f"this daemon serves {host}:{cfg.port}; fix --peers or --port "
+                         "(another daemon may already use this node id)")
+
+
 class Daemon:
     """One node daemon. start() brings it up, stop() takes it down; run() does both
     around a wait for SIGTERM or SIGINT."""
@@ -89,8 +107,16 @@ class Daemon:
         if cfg.secret is None:
             logger.warning("no cluster secret configured: the daemon accepts any client "
                            "(set EMS_SECRET or --secret-file)")
-        self.pool = Pool(cfg.capacity_bytes, slab_size=cfg.slab_size, pages=cfg.pages,
-                         name=f"ems-{cfg.node_id}")
+        if cfg.peers and not cfg.zookeeper:
+            check_peer_entry(cfg)
+        try:
+            self.pool = Pool(cfg.capacity_bytes, slab_size=cfg.slab_size, pages=cfg.pages,
+                             name=f"ems-{cfg.node_id}")
+        except ValueError as exc:
+            if "in use by process" not in str(exc):
+                raise
+            raise ValueError(f"node id {cfg.node_id!r} is already served on this host "
+                             f"({exc}); give each daemon its own --node-id") from None
         holder = NodeRecord(node_id=cfg.node_id, host=cfg.advertise_host or cfg.host,
                             port=1).holder_id()
         try:
@@ -110,7 +136,13 @@ class Daemon:
             proto_min=1, proto_max=1, version=ems.__version__)
 
         if cfg.metrics_port is not None:
-            self.metrics = start_metrics(self, cfg.metrics_host, cfg.metrics_port)
+            try:
+                self.metrics = start_metrics(self, cfg.metrics_host, cfg.metrics_port)
+            except OSError as exc:
+                self.server.stop()
+                self.pool.close()
+                raise OSError(exc.errno, f"cannot serve metrics on {cfg.metrics_host}:"
+                                         f"{cfg.metrics_port}: {exc.strerror}") from None
             self.record = replace(self.record, metrics_port=self.metrics.port)
         self.membership = open_membership(cfg.zookeeper, cfg.peers, cfg.cluster, self.record)
         self.membership.add_listener(self._on_members)
@@ -119,7 +151,7 @@ class Daemon:
         logger.info("node %s serving %d bytes (%s pages) on %s:%d and %s; metrics on %s; "
                     "membership: %s", cfg.node_id, stats["capacity_bytes"],
                     self.pool.page_kind, cfg.host, self.server.port, socket_path,
-                    f"{cfg.metrics_host}:{self.metrics.port}" if self.metrics else "off",
+                    f"{cfg.metrics_host}:{self.metrics.port}" if self.metrics else "nowhere",
                     f"ZooKeeper {cfg.zookeeper}" if cfg.zookeeper else
                     f"static peers ({len(self.membership.nodes())} nodes)")
 

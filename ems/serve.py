@@ -9,6 +9,7 @@ import sys
 
 from ems.client import load_secret
 from ems.daemon import Daemon, DaemonConfig
+from ems.pool import physical_memory_bytes
 
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
@@ -20,7 +21,7 @@ def parse_size(text: str) -> int:
     number = value[:-1] if unit else value
     try:
         size = int(float(number) * _UNITS[unit])
-    except ValueError:
+    except (ValueError, OverflowError):
         raise ValueError(f"size {text!r} is not a number of bytes such as 4096, 512M or 8G") from None
     if size <= 0:
         raise ValueError(f"size {text!r} must be positive")
@@ -35,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stable id of this node in the cluster (default: EMS_NODE_ID or the "
                         "host name)")
     p.add_argument("--capacity", default=os.environ.get("EMS_CAPACITY", "1G"),
-                   help="DRAM pool size, e.g. 512M or 16G (default: EMS_CAPACITY or 1G)")
+                   help="DRAM pool size, e.g. 512M or 16G; K, M, G, T are powers of 1024 "
+                        "(default: EMS_CAPACITY or 1G)")
     p.add_argument("--pages", default="auto", choices=["auto", "hugetlb", "thp", "small"],
                    help="page kind of the pool (default: auto, hugetlb then THP then 4 KiB)")
     p.add_argument("--slab-size", default=None,
@@ -63,8 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--secret-file", default=None,
                    help="file holding the cluster secret (default: EMS_SECRET or "
                         "EMS_SECRET_FILE; none means no authentication)")
-    p.add_argument("--max-connections", type=int, default=256)
-    p.add_argument("--log-level", default="INFO")
+    p.add_argument("--max-connections", type=int, default=256,
+                   help="open connections served at once; more are refused as busy "
+                        "(default 256)")
+    p.add_argument("--log-level", default="INFO",
+                   help="DEBUG, INFO, WARNING or ERROR (default INFO)")
     return p
 
 
@@ -78,6 +83,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         capacity = parse_size(args.capacity)
         slab = parse_size(args.slab_size) if args.slab_size else None
+        memory = physical_memory_bytes()
+        if capacity > memory:
+            raise ValueError(f"--capacity {args.capacity} ({capacity} bytes) exceeds this "
+                             f"machine's memory ({memory >> 20} MiB)")
+        if slab and capacity < slab:
+            raise ValueError(f"--capacity {args.capacity} is smaller than one slab "
+                             f"(--slab-size {args.slab_size})")
         if args.secret_file:
             with open(args.secret_file, "rb") as f:
                 secret = f.read().strip()

@@ -344,3 +344,52 @@ def test_sigterm_stops_daemon_cleanly(tmp_path):
     assert not os.path.exists(daemon.socket_path)
     with pytest.raises(urllib.error.URLError):
         http_get(daemon.metrics_port, "/healthz")
+
+
+def test_cluster_client_with_wrong_secret_fails_at_connect(tmp_path):
+    """Without a local socket, a wrong secret must fail at connect, not as silent misses."""
+    run_dir = str(tmp_path)
+    (daemon,) = rig.plan(run_dir, ["solo"])
+    rig.start(daemon, run_dir, peers=daemon.peer, capacity="32M")
+    try:
+        with pytest.raises(AuthenticationError, match="wrong cluster secret"):
+            ems.connect("cluster", peers=daemon.peer, secret=b"not-the-secret")
+        client = ems.connect("cluster", peers=daemon.peer, secret=rig.SECRET.encode())
+        client.close()
+    finally:
+        rig.stop(daemon)
+
+
+def test_daemon_refuses_a_node_id_missing_from_peers(tmp_path):
+    run_dir = str(tmp_path)
+    (daemon,) = rig.plan(run_dir, ["lost"])
+    with pytest.raises(RuntimeError, match="is not in --peers"):
+        rig.start(daemon, run_dir, peers="other=127.0.0.1:1", capacity="32M", timeout=15)
+
+
+def test_daemon_refuses_its_id_listed_at_another_port(tmp_path):
+    run_dir = str(tmp_path)
+    (daemon,) = rig.plan(run_dir, ["twin"])
+    with pytest.raises(RuntimeError, match="lists node 'twin' at 127.0.0.1:1"):
+        rig.start(daemon, run_dir, peers="twin=127.0.0.1:1", capacity="32M", timeout=15)
+
+
+def test_remote_read_into_a_buffer_of_the_wrong_size_raises(tmp_path):
+    """A wrong buffer size is the caller's mistake on the remote path too, as on Pool."""
+    run_dir = str(tmp_path)
+    (daemon,) = rig.plan(run_dir, ["size"])
+    rig.start(daemon, run_dir, peers=daemon.peer, capacity="32M")
+    try:
+        with ems.connect("cluster", peers=daemon.peer, secret=SECRET) as client:
+            key = make_key(1, "size")
+            assert client.put(key, make_block(key, 1, 4096))
+            deadline = time.monotonic() + ANNOUNCE_WAIT_S
+            while not client.exists(key) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            with pytest.raises(ems.errors.BufferSizeError, match="4000 bytes"):
+                client.get_into(key, bytearray(4000))
+            out = bytearray(4096)
+            assert client.get_into(key, out)
+            assert bytes(out) == make_block(key, 1, 4096)
+    finally:
+        rig.stop(daemon)
