@@ -100,19 +100,25 @@ static int exchange(ems_conn_t *conn, uint16_t op, struct iovec *parts, int npar
     }
     iov[0].iov_base = header;
     iov[0].iov_len = sizeof header;
-    memcpy(iov + 1, parts, (size_t)nparts * sizeof *iov);
-    int rc = ems_send_all(conn->fd, iov, nparts + 1, deadline);
+    if (nparts > 0)   /* parts may be NULL then, and memcpy's source must not be */
+        memcpy(iov + 1, parts, (size_t)nparts * sizeof *iov);
+    int sent = ems_send_all(conn->fd, iov, nparts + 1, deadline);
     if (iov != stack_iov)
         free(iov);
 
+    /* A server that rejects a connection sends its frame and closes at once, so on a Unix
+     * socket the send fails with EPIPE while that frame still waits to be read. */
+    int rc = sent;
     uint8_t in[EMS_FRAME_HEADER_BYTES];
-    if (rc == 0)
+    if (sent == 0 || sent == -EPIPE || sent == -ECONNRESET)
         rc = ems_recv_all(conn->fd, in, sizeof in, deadline);
     if (rc == 0)
         rc = ems_frame_decode(in, conn->max_payload, resp);
     /* An error status with request id 0 belongs to no request. The server rejected the
      * connection (BUSY at its connection limit) or a header it could not decode. */
     int rejected = rc == 0 && resp->request_id == 0 && resp->status != EMS_STATUS_OK;
+    if (sent < 0 && !rejected)
+        rc = sent;
     if (rc == 0 && !rejected &&
         (!(resp->flags & EMS_FRAME_RESPONSE) || resp->request_id != req.request_id ||
          (resp->status == 0 && resp->opcode != op)))

@@ -262,11 +262,13 @@ static void conn_free(ems_srv_conn_t *conn)
             ems_pool_abort(server->cfg.pool, &conn->pending[i]);
     free(conn->pending);
     free(conn->pending_keys);
+    free(conn->pending_rc);
     free(conn->in);
     free(conn->out);
     free(conn->keys);
-    close(conn->fd);
 
+    /* The fd is closed only once the connection is off the list: ems_server_stop shuts
+     * down every listed fd, and a closed fd number may already belong to another socket. */
     pthread_mutex_lock(&server->conns_lock);
     if (conn->prev)
         conn->prev->next = conn->next;
@@ -278,6 +280,7 @@ static void conn_free(ems_srv_conn_t *conn)
     if (server->nconns == 0)
         pthread_cond_broadcast(&server->conns_idle);
     pthread_mutex_unlock(&server->conns_lock);
+    close(conn->fd);
     free(conn);
 }
 
@@ -467,6 +470,23 @@ static int listen_tcp(ems_server_t *server, const char *host)
     return 0;
 }
 
+/* Returns 0 when nothing listens on the socket file at `path`, -EADDRINUSE when a
+ * server does (it accepted a probe connection or its backlog is full), or another
+ * negative errno when the probe failed. */
+static int socket_in_use(const char *path)
+{
+    struct sockaddr_un addr = {.sun_family = AF_UNIX};
+    strcpy(addr.sun_path, path);
+    int probe = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+    if (probe < 0)
+        return -errno;
+    int rc = connect(probe, (struct sockaddr *)&addr, sizeof addr) == 0 ? -EADDRINUSE : -errno;
+    close(probe);
+    if (rc == -ECONNREFUSED || rc == -ENOENT)
+        return 0;
+    return rc == -EAGAIN ? -EADDRINUSE : rc;
+}
+
 static int listen_unix(ems_server_t *server, const char *path)
 {
     struct sockaddr_un addr = {.sun_family = AF_UNIX};
@@ -474,16 +494,21 @@ static int listen_unix(ems_server_t *server, const char *path)
         return -ENAMETOOLONG;
     strcpy(addr.sun_path, path);
 
-    /* A socket file left by a daemon that died is replaced; any other file is not. */
-    struct stat st;
-    if (lstat(addr.sun_path, &st) == 0) {
-        if (!S_ISSOCK(st.st_mode))
-            return -EEXIST;
-        unlink(addr.sun_path);
-    }
     int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
     if (fd < 0)
         return -errno;
+
+    /* A socket file left by a daemon that died is replaced; any other file is not. Only a
+     * refused connection proves that no one listens on it any more. */
+    struct stat st;
+    if (lstat(addr.sun_path, &st) == 0) {
+        int rc = S_ISSOCK(st.st_mode) ? socket_in_use(addr.sun_path) : -EEXIST;
+        if (rc < 0) {
+            close(fd);
+            return rc;
+        }
+        unlink(addr.sun_path);
+    }
     /* Same-user clients only: they map the pool read-write. */
     mode_t old = umask(077);
     int rc = bind(fd, (struct sockaddr *)&addr, sizeof addr);

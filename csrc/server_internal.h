@@ -45,6 +45,7 @@ typedef struct ems_srv_conn {
 
     ems_reservation_t *pending;    /* local reservations awaiting LOCAL_COMMIT */
     uint8_t *pending_keys;         /* their stored keys */
+    int64_t *pending_rc;           /* each key's reserve result, answered again at commit */
     uint64_t npending;
 
     struct ems_srv_conn *prev, *next;

@@ -224,6 +224,11 @@ static int op_get(ems_srv_conn_t *conn, const ems_frame_t *req)
     COUNT(conn, get_hits, hits);
     COUNT(conn, get_misses, n - hits);
     COUNT(conn, bytes_out, sizeof header + off);
+    if (rc < 0 && !atomic_load(&conn->server->stopping))
+        /* The usual cause is a reader that stopped reading for io_timeout_ms. Its blocks
+         * are already unpinned. */
+        ems_srv_log(conn->server, "GET response of %llu bytes to %s not sent: %s; closing",
+                    (unsigned long long)off, conn->peer, strerror(-rc));
     return rc < 0 ? -1 : 0;
 }
 
@@ -490,8 +495,10 @@ static void drop_pending(ems_srv_conn_t *conn)
             ems_pool_abort(conn->server->cfg.pool, &conn->pending[i]);
     free(conn->pending);
     free(conn->pending_keys);
+    free(conn->pending_rc);
     conn->pending = NULL;
     conn->pending_keys = NULL;
+    conn->pending_rc = NULL;
     conn->npending = 0;
 }
 
@@ -504,7 +511,8 @@ static int op_local_reserve(ems_srv_conn_t *conn, const ems_frame_t *req)
         return 0;
     conn->pending = calloc(n ? n : 1, sizeof *conn->pending);
     conn->pending_keys = malloc(n ? n * EMS_KEY_BYTES : 1);
-    if (!conn->pending || !conn->pending_keys) {
+    conn->pending_rc = calloc(n ? n : 1, sizeof *conn->pending_rc);
+    if (!conn->pending || !conn->pending_keys || !conn->pending_rc) {
         drop_pending(conn);
         return reject(conn, req, EMS_STATUS_INTERNAL, "out of memory");
     }
@@ -522,6 +530,7 @@ static int op_local_reserve(ems_srv_conn_t *conn, const ems_frame_t *req)
             rc = 1;
         if (rc != 0)
             r->data = NULL;
+        conn->pending_rc[i] = rc;
         ems_put64(conn->out + 8 * i, (uint64_t)rc);
         ems_put64(conn->out + 8 * (n + i), r->data ? (uint64_t)(r->data - pool->arena.base) : 0);
     }
@@ -542,7 +551,7 @@ static int op_local_commit(ems_srv_conn_t *conn, const ems_frame_t *req)
     uint64_t stored = 0;
     for (uint64_t i = 0; i < n; i++) {
         ems_reservation_t *r = &conn->pending[i];
-        int64_t rc = 1;
+        int64_t rc = conn->pending_rc[i];   /* 1 (stored before) or the reserve error */
         if (r->data) {
             rc = ems_pool_commit(conn->server->cfg.pool, r);
             r->data = NULL;

@@ -132,13 +132,20 @@ cdef object _transfer_error(int rc, str what):
 
 cdef class Server:
     """The transfer server of one pool: serves it over TCP (and a Unix socket for clients
-    on this host) on C threads. Stop it before closing the pool; Pool.close stops it."""
+    on this host) on C threads. Stop it before closing the pool; Pool.close stops it.
+
+    Any thread may call any method. stop() waits for calls that run without the GIL, and a
+    call made once stop() has begun raises TransferError."""
     cdef ems_server_t *server
     cdef _CorePool pool
     cdef readonly uint32_t node_id
+    cdef Py_ssize_t _inflight     # calls using the server with the GIL released
+    cdef bint _stopping
 
     def __cinit__(self):
         self.server = NULL
+        self._inflight = 0
+        self._stopping = False
 
     def __init__(self, _CorePool pool, str host="127.0.0.1", int port=0, unix_path=None,
                  secret=None, uint32_t node_id=0, uint32_t max_payload=DEFAULT_MAX_PAYLOAD,
@@ -202,14 +209,38 @@ cdef class Server:
             raise TransferError(0, "the server is stopped")
         return 0
 
+    cdef ems_server_t *_enter(self) except NULL:
+        """Return the server for a call that releases the GIL. The caller uses this pointer,
+        not self.server, which stop() may clear meanwhile, and calls _leave() afterwards."""
+        self._check()
+        self._inflight += 1
+        return self.server
+
+    cdef void _leave(self):
+        self._inflight -= 1
+
     def stop(self):
-        """Close every connection and join the server's threads. Stopping twice does nothing."""
-        if self.server == NULL:
+        """Close every connection and join the server's threads. A stop() while another
+        thread stops the server waits for that one to finish; stopping twice does nothing."""
+        cdef ems_server_t *server = self.server
+        if server == NULL:
+            while self._stopping:
+                with nogil:
+                    usleep(1000)
             return
-        with nogil:
-            ems_server_stop(self.server)
+        # Cleared first, so that calls in other threads raise instead of using the server
+        # while it is freed.
         self.server = NULL
-        self.pool._servers.discard(self)
+        self._stopping = True
+        try:
+            while self._inflight:
+                with nogil:
+                    usleep(1000)
+            with nogil:
+                ems_server_stop(server)
+        finally:
+            self._stopping = False
+            self.pool._servers.discard(self)
 
     def stats(self):
         cdef ems_server_stats_t s
@@ -235,15 +266,22 @@ cdef class Server:
         self._check()
         cdef bytes out = PyBytes_FromStringAndSize(NULL, max_keys * 32)
         cdef uint8_t *dst = <uint8_t *>PyBytes_AS_STRING(out)
-        with nogil:
-            n = ems_server_take_new_keys(self.server, dst, max_keys, &dropped)
+        cdef ems_server_t *server = self._enter()
+        try:
+            with nogil:
+                n = ems_server_take_new_keys(server, dst, max_keys, &dropped)
+        finally:
+            self._leave()
         return out[:n * 32], dropped
 
     def dir_register(self, stored_keys, uint32_t holder):
         cdef KeyBatch batch = KeyBatch(stored_keys)
-        self._check()
-        with nogil:
-            ems_server_dir_register(self.server, batch.data, batch.n, holder)
+        cdef ems_server_t *server = self._enter()
+        try:
+            with nogil:
+                ems_server_dir_register(server, batch.data, batch.n, holder)
+        finally:
+            self._leave()
 
     def dir_forget(self, uint32_t holder):
         """Drop every directory entry of a lost holder; returns how many."""
@@ -256,8 +294,12 @@ cdef class Server:
         self._check()
         cdef bytes out = PyBytes_FromStringAndSize(NULL, max(batch.n, 1) * 4)
         cdef uint32_t *dst = <uint32_t *>PyBytes_AS_STRING(out)
-        with nogil:
-            ems_server_dir_lookup(self.server, batch.data, batch.n, dst)
+        cdef ems_server_t *server = self._enter()
+        try:
+            with nogil:
+                ems_server_dir_lookup(server, batch.data, batch.n, dst)
+        finally:
+            self._leave()
         return list(memoryview(out).cast("I"))[:batch.n]
 
 
@@ -511,6 +553,8 @@ cdef class Connection:
         if base == MAP_FAILED:
             c_close(fd)
             raise TransferError(ENOMEM, f"cannot map the pool of {self.address}")
+        if self.map_base != NULL:   # attached before: the new mapping replaces the old one
+            munmap(self.map_base, self.map_size)
         self.map_base = <uint8_t *>base
         self.map_size = size
         return fd

@@ -60,6 +60,11 @@ CASES = [
     ("test_crc32c", "asan", []),
     ("test_frame", "plain", []),
     ("test_frame", "asan", []),
+    ("test_sha256", "plain", []),
+    ("test_sha256", "asan", []),
+    ("test_transfer", "plain", ["50000"]),
+    ("test_transfer", "asan", ["20000"]),
+    ("test_transfer", "tsan", ["2500"]),
 ]
 
 RUN_TIMEOUT_S = 120

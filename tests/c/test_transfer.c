@@ -1,0 +1,1124 @@
+/* Transfer engine tests: a real server (server.c, server_ops.c) on 127.0.0.1 and on a
+ * Unix socket, driven through the client API of transfer.h.
+ *
+ * Each test starts its own 64 MiB pool on 4 KiB pages and a server with a cluster secret.
+ * The tests cover block round trips, the directory and its roles, authentication, tenant
+ * isolation and the local socket's shared mapping. Further tests run concurrent clients,
+ * stop a server under open connections, and check client deadlines against a silent peer.
+ *
+ * Block contents are a function of the key id (test_fill_payload), so any thread can
+ * check any block it reads byte for byte.
+ *
+ * Usage: test_transfer [ops_per_thread] (default 50000), the requests each of the four
+ * client threads of the concurrency test sends.
+ */
+#define _GNU_SOURCE
+
+#include <arpa/inet.h>
+#include <errno.h>
+#include <netinet/in.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "check.h"
+#include "crc32c.h"
+#include "frame.h"
+#include "netio.h"
+#include "transfer.h"
+#include "wire.h"
+
+/* Generous, because sanitizers slow every call. The deadline tests use shorter ones. */
+#define CALL_TIMEOUT_MS 10000u
+#define MAX_PAYLOAD (8u << 20)
+#define POOL_BYTES (64u << 20)
+#define NODE_ID 7u
+
+static const uint8_t SECRET[] = "test_transfer cluster secret";
+#define SECRET_LEN (sizeof SECRET - 1)
+
+/* ---- fixture: a pool and a server --------------------------------------------------- */
+
+typedef struct server_fixture {
+    ems_pool_t pool;
+    ems_server_t *server;     /* NULL once stopped */
+    uint16_t port;
+    char dir[64];             /* mkdtemp directory of the Unix socket */
+    char unix_path[128];
+} server_fixture_t;
+
+static void fixture_start(server_fixture_t *f)
+{
+    memset(f, 0, sizeof *f);
+    ems_pool_config_t pool_config = {
+        .capacity = POOL_BYTES, .pages = EMS_PAGES_SMALL, .debug_name = "test_transfer",
+    };
+    CHECK_EQ(ems_pool_create(&f->pool, &pool_config), 0);
+
+    snprintf(f->dir, sizeof f->dir, "/tmp/ems-test-transfer-XXXXXX");
+    CHECK(mkdtemp(f->dir) != NULL);
+    snprintf(f->unix_path, sizeof f->unix_path, "%s/ems.sock", f->dir);
+
+    ems_server_config_t config = {
+        .pool = &f->pool,
+        .host = "127.0.0.1",
+        .port = 0,
+        .unix_path = f->unix_path,
+        .secret = SECRET,
+        .secret_len = SECRET_LEN,
+        .node_id = NODE_ID,
+        .max_payload = MAX_PAYLOAD,
+        .max_connections = 64,
+        .directory_capacity = 4096,
+        .idle_timeout_ms = 0,
+        .io_timeout_ms = CALL_TIMEOUT_MS,
+    };
+    CHECK_EQ(ems_server_start(&config, &f->server), 0);
+    f->port = ems_server_port(f->server);
+    CHECK(f->port != 0);
+}
+
+static void fixture_stop(server_fixture_t *f)
+{
+    if (f->server)
+        ems_server_stop(f->server);
+    f->server = NULL;
+    ems_pool_close(&f->pool);
+    CHECK_EQ(rmdir(f->dir), 0);    /* the server removed its socket file */
+}
+
+static ems_conn_config_t tcp_config(const server_fixture_t *f, const char *tenant,
+                                    uint16_t role)
+{
+    ems_conn_config_t config = {
+        .host = "127.0.0.1",
+        .port = f->port,
+        .secret = SECRET,
+        .secret_len = SECRET_LEN,
+        .tenant = tenant,
+        .role = role,
+        .max_payload = MAX_PAYLOAD,
+        .timeout_ms = CALL_TIMEOUT_MS,
+    };
+    return config;
+}
+
+static ems_conn_config_t local_config(const server_fixture_t *f, const char *tenant)
+{
+    ems_conn_config_t config = tcp_config(f, tenant, EMS_ROLE_CLIENT);
+    config.host = NULL;
+    config.port = 0;
+    config.unix_path = f->unix_path;
+    return config;
+}
+
+static ems_conn_t *open_or_fail(const ems_conn_config_t *config)
+{
+    char error[160];
+    ems_conn_t *conn = NULL;
+    int rc = ems_conn_open(config, &conn, error, sizeof error);
+    if (rc != 0)
+        fprintf(stderr, "ems_conn_open failed with %d: %s\n", rc, error);
+    CHECK_EQ(rc, 0);
+    CHECK(conn != NULL);
+    CHECK(ems_conn_alive(conn));
+    return conn;
+}
+
+/* ---- blocks ------------------------------------------------------------------------- */
+
+/* Writes keys of ids first .. first + n - 1 back to back. */
+static void make_keys(uint8_t *keys, uint64_t first, uint64_t n, uint64_t salt)
+{
+    for (uint64_t i = 0; i < n; i++)
+        test_make_key(keys + i * EMS_KEY_BYTES, first + i, salt);
+}
+
+static uint8_t *payload_of(uint64_t id, uint64_t length)
+{
+    uint8_t *buf = malloc(length);
+    CHECK(buf != NULL);
+    test_fill_payload(buf, length, id);
+    return buf;
+}
+
+static uint8_t *zeroed(uint64_t length)
+{
+    uint8_t *buf = calloc(1, length);
+    CHECK(buf != NULL);
+    return buf;
+}
+
+static uint64_t count_of(const char *json, const char *field)
+{
+    char pattern[64];
+    snprintf(pattern, sizeof pattern, "\"%s\":", field);
+    const char *at = strstr(json, pattern);
+    CHECK(at != NULL);
+    return strtoull(at + strlen(pattern), NULL, 10);
+}
+
+static void test_block_round_trip(void)
+{
+    enum { N = 3, SALT = 0x1001 };
+    server_fixture_t f;
+    fixture_start(&f);
+    ems_conn_config_t config = tcp_config(&f, "alpha", EMS_ROLE_CLIENT);
+    ems_conn_t *conn = open_or_fail(&config);
+    CHECK_EQ(ems_conn_version(conn), EMS_PROTO_VERSION_MAX);
+    CHECK_EQ(ems_conn_ping(conn, CALL_TIMEOUT_MS), 0);
+
+    /* Keys 0..2 are stored and key 3 never is. */
+    uint8_t keys[(N + 1) * EMS_KEY_BYTES];
+    make_keys(keys, 0, N + 1, SALT);
+    const uint64_t lengths[N] = {1, 4096, 1u << 20};
+    const void *srcs[N];
+    void *dsts[N];
+    for (int i = 0; i < N; i++) {
+        srcs[i] = payload_of(100 + i, lengths[i]);
+        dsts[i] = zeroed(lengths[i]);
+    }
+
+    int64_t results[N + 1];
+    CHECK_EQ(ems_conn_put_many(conn, keys, N, srcs, lengths, results, CALL_TIMEOUT_MS), 0);
+    for (int i = 0; i < N; i++)
+        CHECK_EQ(results[i], 0);
+    CHECK_EQ(ems_conn_put_many(conn, keys, N, srcs, lengths, results, CALL_TIMEOUT_MS), 0);
+    for (int i = 0; i < N; i++)
+        CHECK_EQ(results[i], 1);
+
+    CHECK_EQ(ems_conn_get_many(conn, keys, N, dsts, lengths, results, CALL_TIMEOUT_MS), 0);
+    for (int i = 0; i < N; i++) {
+        CHECK_EQ(results[i], lengths[i]);
+        CHECK(memcmp(dsts[i], srcs[i], lengths[i]) == 0);
+    }
+
+    /* One call mixing a hit, a never-stored key and a buffer of the wrong size. */
+    uint8_t mixed[3 * EMS_KEY_BYTES];
+    memcpy(mixed, keys + 0 * EMS_KEY_BYTES, EMS_KEY_BYTES);
+    memcpy(mixed + EMS_KEY_BYTES, keys + 3 * EMS_KEY_BYTES, EMS_KEY_BYTES);
+    memcpy(mixed + 2 * EMS_KEY_BYTES, keys + 1 * EMS_KEY_BYTES, EMS_KEY_BYTES);
+    const uint64_t mixed_lengths[3] = {1, 64, 4095};
+    uint8_t first_byte = 0, *missing = zeroed(64), *short_buf = zeroed(4095);
+    void *mixed_dsts[3] = {&first_byte, missing, short_buf};
+    CHECK_EQ(ems_conn_get_many(conn, mixed, 3, mixed_dsts, mixed_lengths, results,
+                               CALL_TIMEOUT_MS), 0);
+    CHECK_EQ(results[0], 1);
+    CHECK_EQ(first_byte, ((const uint8_t *)srcs[0])[0]);
+    CHECK_EQ(results[1], -ENOENT);
+    CHECK_EQ(results[2], -EMSGSIZE);
+
+    /* The server counts a GET only after sending its response. The ping's response
+     * comes after the connection's thread has finished the GET, so the counts are whole. */
+    CHECK_EQ(ems_conn_ping(conn, CALL_TIMEOUT_MS), 0);
+    ems_server_stats_t stats;
+    ems_server_stats(f.server, &stats);
+    CHECK_EQ(stats.puts, 2 * N);
+    CHECK_EQ(stats.put_stored, N);
+    CHECK_EQ(stats.gets, N + 3);
+    CHECK_EQ(stats.get_hits, N + 1);
+    CHECK_EQ(stats.get_misses, 2);
+    CHECK_EQ(stats.connections_open, 1);
+    CHECK_EQ(stats.auth_failures, 0);
+
+    /* The announce queue contains the tenant's stored keys of the N committed blocks. */
+    uint8_t salt[32], stored[N * EMS_KEY_BYTES], announced[16 * EMS_KEY_BYTES];
+    ems_tenant_salt("alpha", 5, salt);
+    ems_tenant_keys(salt, keys, N, stored);
+    uint64_t dropped = 99;
+    CHECK_EQ(ems_server_take_new_keys(f.server, announced, 16, &dropped), N);
+    CHECK_EQ(dropped, 0);
+    CHECK(memcmp(announced, stored, sizeof stored) == 0);
+    CHECK_EQ(ems_server_take_new_keys(f.server, announced, 16, &dropped), 0);
+
+    /* exists, match_prefix and delete. */
+    uint8_t present[N + 1];
+    CHECK_EQ(ems_conn_exists_many(conn, keys, N + 1, present, CALL_TIMEOUT_MS), 0);
+    CHECK_EQ(present[0], 1);
+    CHECK_EQ(present[1], 1);
+    CHECK_EQ(present[2], 1);
+    CHECK_EQ(present[3], 0);
+
+    uint64_t count = 99;
+    CHECK_EQ(ems_conn_match_prefix(conn, keys, N + 1, &count, CALL_TIMEOUT_MS), 0);
+    CHECK_EQ(count, N);
+    uint8_t gap[3 * EMS_KEY_BYTES];   /* keys 0, 3, 1: the prefix ends at key 3 */
+    memcpy(gap, mixed, 2 * EMS_KEY_BYTES);
+    memcpy(gap + 2 * EMS_KEY_BYTES, keys + EMS_KEY_BYTES, EMS_KEY_BYTES);
+    CHECK_EQ(ems_conn_match_prefix(conn, gap, 3, &count, CALL_TIMEOUT_MS), 0);
+    CHECK_EQ(count, 1);
+
+    uint8_t doomed[2 * EMS_KEY_BYTES];   /* key 1, then the never-stored key 3 */
+    memcpy(doomed, keys + EMS_KEY_BYTES, EMS_KEY_BYTES);
+    memcpy(doomed + EMS_KEY_BYTES, keys + 3 * EMS_KEY_BYTES, EMS_KEY_BYTES);
+    CHECK_EQ(ems_conn_delete_many(conn, doomed, 2, results, CALL_TIMEOUT_MS), 0);
+    CHECK_EQ(results[0], 0);
+    CHECK_EQ(results[1], -ENOENT);
+    CHECK_EQ(ems_conn_exists_many(conn, keys, N, present, CALL_TIMEOUT_MS), 0);
+    CHECK_EQ(present[0], 1);
+    CHECK_EQ(present[1], 0);
+    CHECK_EQ(present[2], 1);
+    CHECK_EQ(ems_conn_match_prefix(conn, keys, N, &count, CALL_TIMEOUT_MS), 0);
+    CHECK_EQ(count, 1);
+
+    char json[4096];
+    CHECK_EQ(ems_conn_stats(conn, json, sizeof json, CALL_TIMEOUT_MS), 0);
+    CHECK_EQ(count_of(json, "node_id"), NODE_ID);
+    CHECK_EQ(count_of(json, "blocks"), N - 1);
+    CHECK_EQ(count_of(json, "remote_puts"), 2 * N);
+
+    /* Nothing above is an error the server logs. */
+    char log[1024];
+    size_t log_len = ems_server_take_log(f.server, log, sizeof log - 1);
+    log[log_len] = 0;
+    if (log_len)
+        fprintf(stderr, "unexpected server log:\n%s", log);
+    CHECK_EQ(log_len, 0);
+
+    ems_conn_close(conn);
+    for (int i = 0; i < N; i++) {
+        free((void *)srcs[i]);
+        free(dsts[i]);
+    }
+    free(missing);
+    free(short_buf);
+    fixture_stop(&f);
+}
+
+/* ---- directory ---------------------------------------------------------------------- */
+
+static void check_holders(const uint32_t *holders, uint64_t n, uint32_t expected)
+{
+    for (uint64_t i = 0; i < n; i++)
+        CHECK_EQ(holders[i], expected);
+}
+
+static void test_directory_roles(void)
+{
+    enum { N = 4, SALT = 0x2002 };
+    server_fixture_t f;
+    fixture_start(&f);
+    ems_conn_config_t node_config = tcp_config(&f, "node-1", EMS_ROLE_NODE);
+    ems_conn_config_t alpha_config = tcp_config(&f, "alpha", EMS_ROLE_CLIENT);
+    ems_conn_config_t beta_config = tcp_config(&f, "beta", EMS_ROLE_CLIENT);
+    ems_conn_t *node = open_or_fail(&node_config);
+    ems_conn_t *alpha = open_or_fail(&alpha_config);
+    ems_conn_t *beta = open_or_fail(&beta_config);
+
+    /* Keys 0..N-1 are registered under holder 3 by their stored keys for tenant alpha,
+     * and key N is not registered. */
+    uint8_t keys[(N + 1) * EMS_KEY_BYTES], stored[(N + 1) * EMS_KEY_BYTES], salt[32];
+    make_keys(keys, 0, N + 1, SALT);
+    ems_tenant_salt("alpha", 5, salt);
+    ems_tenant_keys(salt, keys, N + 1, stored);
+    CHECK_EQ(ems_conn_dir_register(node, stored, N, 3, CALL_TIMEOUT_MS), 0);
+
+    /* A client looks up its own keys: the server applies the tenant. */
+    uint32_t holders[N + 1];
+    CHECK_EQ(ems_conn_dir_lookup(alpha, keys, N + 1, holders, CALL_TIMEOUT_MS), 0);
+    check_holders(holders, N, 3);
+    CHECK_EQ(holders[N], EMS_HOLDER_NONE);
+
+    /* Another tenant's stored keys differ, so the same raw keys are unknown. */
+    CHECK_EQ(ems_conn_dir_lookup(beta, keys, N + 1, holders, CALL_TIMEOUT_MS), 0);
+    check_holders(holders, N + 1, EMS_HOLDER_NONE);
+
+    /* A node looks up stored keys as sent, and so does the daemon's direct call. */
+    CHECK_EQ(ems_conn_dir_lookup(node, stored, N + 1, holders, CALL_TIMEOUT_MS), 0);
+    check_holders(holders, N, 3);
+    CHECK_EQ(holders[N], EMS_HOLDER_NONE);
+    ems_server_dir_lookup(f.server, stored, N + 1, holders);
+    check_holders(holders, N, 3);
+    CHECK_EQ(holders[N], EMS_HOLDER_NONE);
+
+    ems_server_stats_t stats;
+    ems_server_stats(f.server, &stats);
+    CHECK_EQ(stats.dir_entries, N);
+    CHECK_EQ(stats.dir_registered, N);
+
+    /* Forgetting holder 3 drops all of its entries. A direct registration is then
+     * visible to the client. */
+    CHECK_EQ(ems_server_dir_forget(f.server, 3), N);
+    CHECK_EQ(ems_conn_dir_lookup(alpha, keys, N, holders, CALL_TIMEOUT_MS), 0);
+    check_holders(holders, N, EMS_HOLDER_NONE);
+    CHECK_EQ(ems_server_dir_register(f.server, stored + EMS_KEY_BYTES, 1, 9), 1);
+    CHECK_EQ(ems_conn_dir_lookup(alpha, keys, 2, holders, CALL_TIMEOUT_MS), 0);
+    CHECK_EQ(holders[0], EMS_HOLDER_NONE);
+    CHECK_EQ(holders[1], 9);
+
+    /* Registration needs the node role, and blocks need the client role. Both refusals
+     * close the connection. */
+    CHECK_EQ(ems_conn_dir_register(alpha, stored, 1, 3, CALL_TIMEOUT_MS), -EACCES);
+    CHECK(!ems_conn_alive(alpha));
+    CHECK_EQ(ems_conn_ping(alpha, CALL_TIMEOUT_MS), -ENOTCONN);
+
+    uint8_t byte = 42;
+    const void *srcs[1] = {&byte};
+    const uint64_t length = 1;
+    int64_t result = 99;
+    CHECK_EQ(ems_conn_put_many(node, keys, 1, srcs, &length, &result, CALL_TIMEOUT_MS),
+             -EINVAL);
+    CHECK(!ems_conn_alive(node));
+    ems_server_dir_lookup(f.server, stored, 1, holders);
+    CHECK_EQ(holders[0], EMS_HOLDER_NONE);
+
+    char log[4096];
+    size_t log_len = ems_server_take_log(f.server, log, sizeof log - 1);
+    log[log_len] = 0;
+    CHECK(strstr(log, "directory registration needs the node role") != NULL);
+    CHECK(strstr(log, "block operation on a node connection") != NULL);
+
+    ems_conn_close(node);
+    ems_conn_close(alpha);
+    ems_conn_close(beta);
+    fixture_stop(&f);
+}
+
+/* ---- authentication ----------------------------------------------------------------- */
+
+static void test_auth_rejects_bad_secret(void)
+{
+    server_fixture_t f;
+    fixture_start(&f);
+    char error[160];
+    ems_conn_t *conn = NULL;
+
+    static const uint8_t wrong[] = "not the cluster secret";
+    ems_conn_config_t config = tcp_config(&f, "alpha", EMS_ROLE_CLIENT);
+    config.secret = wrong;
+    config.secret_len = sizeof wrong - 1;
+    CHECK_EQ(ems_conn_open(&config, &conn, error, sizeof error), -EACCES);
+    CHECK(conn == NULL);
+    CHECK(strstr(error, "wrong cluster secret") != NULL);
+
+    ems_server_stats_t stats;
+    ems_server_stats(f.server, &stats);
+    CHECK_EQ(stats.auth_failures, 1);
+    char log[4096];
+    size_t log_len = ems_server_take_log(f.server, log, sizeof log - 1);
+    log[log_len] = 0;
+    CHECK(strstr(log, "authentication failed") != NULL);
+
+    /* A secret one byte short is wrong too. */
+    config.secret = SECRET;
+    config.secret_len = SECRET_LEN - 1;
+    CHECK_EQ(ems_conn_open(&config, &conn, error, sizeof error), -EACCES);
+    ems_server_stats(f.server, &stats);
+    CHECK_EQ(stats.auth_failures, 2);
+
+    /* Without a secret the client gives up after HELLO and sends no proof, so the server
+     * counts no failure. */
+    config.secret = NULL;
+    config.secret_len = 0;
+    CHECK_EQ(ems_conn_open(&config, &conn, error, sizeof error), -EACCES);
+    CHECK(conn == NULL);
+    CHECK(strstr(error, "requires the cluster secret") != NULL);
+    ems_server_stats(f.server, &stats);
+    CHECK_EQ(stats.auth_failures, 2);
+
+    /* The right secret still works, for both roles. */
+    config = tcp_config(&f, "alpha", EMS_ROLE_CLIENT);
+    conn = open_or_fail(&config);
+    CHECK_EQ(ems_conn_ping(conn, CALL_TIMEOUT_MS), 0);
+    ems_conn_close(conn);
+    config.role = EMS_ROLE_NODE;
+    conn = open_or_fail(&config);
+    CHECK_EQ(ems_conn_ping(conn, CALL_TIMEOUT_MS), 0);
+    ems_conn_close(conn);
+
+    fixture_stop(&f);
+}
+
+/* ---- tenants ------------------------------------------------------------------------ */
+
+static void get_one(ems_conn_t *conn, const uint8_t *key, uint8_t *dst, uint64_t length,
+                    int64_t *result)
+{
+    void *dsts[1] = {dst};
+    CHECK_EQ(ems_conn_get_many(conn, key, 1, dsts, &length, result, CALL_TIMEOUT_MS), 0);
+}
+
+static void put_one(ems_conn_t *conn, const uint8_t *key, const uint8_t *src,
+                    uint64_t length, int64_t *result)
+{
+    const void *srcs[1] = {src};
+    CHECK_EQ(ems_conn_put_many(conn, key, 1, srcs, &length, result, CALL_TIMEOUT_MS), 0);
+}
+
+static void test_tenant_isolation(void)
+{
+    enum { LENGTH = 4096 };
+    server_fixture_t f;
+    fixture_start(&f);
+    ems_conn_config_t config_a = tcp_config(&f, "a", EMS_ROLE_CLIENT);
+    ems_conn_config_t config_b = tcp_config(&f, "b", EMS_ROLE_CLIENT);
+    ems_conn_t *a = open_or_fail(&config_a);
+    ems_conn_t *b = open_or_fail(&config_b);
+
+    uint8_t key[EMS_KEY_BYTES];
+    test_make_key(key, 1, 0x3003);
+    uint8_t *block_a = payload_of(1, LENGTH), *block_b = payload_of(2, LENGTH);
+    uint8_t *dst = zeroed(LENGTH);
+    int64_t result;
+
+    put_one(a, key, block_a, LENGTH, &result);
+    CHECK_EQ(result, 0);
+
+    /* Tenant b can neither read nor probe a's block. */
+    get_one(b, key, dst, LENGTH, &result);
+    CHECK_EQ(result, -ENOENT);
+    uint8_t present = 9;
+    CHECK_EQ(ems_conn_exists_many(b, key, 1, &present, CALL_TIMEOUT_MS), 0);
+    CHECK_EQ(present, 0);
+    uint64_t count = 9;
+    CHECK_EQ(ems_conn_match_prefix(b, key, 1, &count, CALL_TIMEOUT_MS), 0);
+    CHECK_EQ(count, 0);
+    CHECK_EQ(ems_conn_delete_many(b, key, 1, &result, CALL_TIMEOUT_MS), 0);
+    CHECK_EQ(result, -ENOENT);
+
+    /* The same raw key is a separate block for b: stored, not "already stored". */
+    put_one(b, key, block_b, LENGTH, &result);
+    CHECK_EQ(result, 0);
+    get_one(a, key, dst, LENGTH, &result);
+    CHECK_EQ(result, LENGTH);
+    CHECK(memcmp(dst, block_a, LENGTH) == 0);
+    get_one(b, key, dst, LENGTH, &result);
+    CHECK_EQ(result, LENGTH);
+    CHECK(memcmp(dst, block_b, LENGTH) == 0);
+
+    /* Deleting b's block leaves a's. */
+    CHECK_EQ(ems_conn_delete_many(b, key, 1, &result, CALL_TIMEOUT_MS), 0);
+    CHECK_EQ(result, 0);
+    get_one(b, key, dst, LENGTH, &result);
+    CHECK_EQ(result, -ENOENT);
+    get_one(a, key, dst, LENGTH, &result);
+    CHECK_EQ(result, LENGTH);
+    CHECK(memcmp(dst, block_a, LENGTH) == 0);
+
+    ems_conn_close(a);
+    ems_conn_close(b);
+    free(block_a);
+    free(block_b);
+    free(dst);
+    fixture_stop(&f);
+}
+
+/* ---- local socket ------------------------------------------------------------------- */
+
+static void test_local_put_visible_over_tcp(void)
+{
+    enum { N = 3, SALT = 0x4004 };
+    server_fixture_t f;
+    fixture_start(&f);
+    ems_conn_config_t config = local_config(&f, "alpha");
+    ems_conn_t *local = open_or_fail(&config);
+
+    int fd = -1;
+    CHECK_EQ(ems_conn_local_attach(local, &fd, CALL_TIMEOUT_MS), 0);
+    CHECK(fd >= 0);
+    struct stat st;
+    CHECK_EQ(fstat(fd, &st), 0);
+    CHECK(st.st_size >= (off_t)POOL_BYTES);
+    uint64_t map_size = (uint64_t)st.st_size;
+    uint8_t *base = mmap(NULL, map_size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    CHECK(base != MAP_FAILED);
+
+    uint8_t keys[N * EMS_KEY_BYTES];
+    make_keys(keys, 0, N, SALT);
+    const uint64_t lengths[N] = {1, 4096, 200000};
+    const void *srcs[N];
+    void *dsts[N];
+    for (int i = 0; i < N; i++) {
+        srcs[i] = payload_of(400 + i, lengths[i]);
+        dsts[i] = zeroed(lengths[i]);
+    }
+    int64_t results[N];
+    CHECK_EQ(ems_conn_local_put_many(local, base, map_size, keys, N, srcs, lengths, results,
+                                     CALL_TIMEOUT_MS), 0);
+    for (int i = 0; i < N; i++)
+        CHECK_EQ(results[i], 0);
+    CHECK_EQ(ems_conn_local_put_many(local, base, map_size, keys, N, srcs, lengths, results,
+                                     CALL_TIMEOUT_MS), 0);
+    for (int i = 0; i < N; i++)
+        CHECK_EQ(results[i], 1);
+
+    /* A TCP client of the same tenant reads the blocks the local client wrote. */
+    ems_conn_config_t tcp = tcp_config(&f, "alpha", EMS_ROLE_CLIENT);
+    ems_conn_t *remote = open_or_fail(&tcp);
+    CHECK_EQ(ems_conn_get_many(remote, keys, N, dsts, lengths, results, CALL_TIMEOUT_MS), 0);
+    for (int i = 0; i < N; i++) {
+        CHECK_EQ(results[i], lengths[i]);
+        CHECK(memcmp(dsts[i], srcs[i], lengths[i]) == 0);
+    }
+
+    /* Local operations are refused on TCP, in the client before anything is sent. */
+    int other_fd = -1;
+    CHECK_EQ(ems_conn_local_attach(remote, &other_fd, CALL_TIMEOUT_MS), -EINVAL);
+    CHECK_EQ(ems_conn_local_put_many(remote, base, map_size, keys, 1, srcs, lengths,
+                                     results, CALL_TIMEOUT_MS), -EINVAL);
+    CHECK(ems_conn_alive(remote));
+
+    ems_server_stats_t stats;
+    ems_server_stats(f.server, &stats);
+    CHECK_EQ(stats.local_puts, 2 * N);
+
+    ems_conn_close(remote);
+    ems_conn_close(local);
+    CHECK_EQ(munmap(base, map_size), 0);
+    CHECK_EQ(close(fd), 0);
+    for (int i = 0; i < N; i++) {
+        free((void *)srcs[i]);
+        free(dsts[i]);
+    }
+    fixture_stop(&f);
+}
+
+/* ---- concurrency -------------------------------------------------------------------- */
+
+/* Four client threads, each on its own connection of one tenant, put, get, query and
+ * delete overlapping keys while a monitor thread reads the server's statistics, log,
+ * announce queue and directory. Stable keys are never deleted. So once any thread has
+ * seen one stored, every later get of it must hit. Churn keys are deleted at random. */
+enum {
+    NWORKERS = 4,
+    NSTABLE = 48,
+    NCHURN = 16,
+    NKEYS = NSTABLE + NCHURN,
+    MAX_BATCH = 4,
+    RACE_SALT = 0x5005,
+    MONITOR_HOLDER = 1,
+};
+
+typedef struct race {
+    server_fixture_t *fixture;
+    uint8_t keys[NKEYS][EMS_KEY_BYTES];
+    uint8_t stored[NKEYS][EMS_KEY_BYTES];   /* the tenant's stored keys */
+    uint8_t *payload[NKEYS];
+    uint64_t length[NKEYS];
+    _Atomic int seen_stored[NSTABLE];       /* set once a thread saw the key committed */
+    long ops;
+    _Atomic int workers_done;
+} race_t;
+
+typedef struct worker {
+    race_t *race;
+    uint64_t seed;
+    pthread_t thread;
+    uint64_t gets, get_hits, puts, put_stored, deletes;
+} worker_t;
+
+/* Sizes in four slab classes, varied so that lengths differ within a class. */
+static uint64_t race_length(uint64_t id)
+{
+    static const uint64_t sizes[] = {512, 4096, 20000, 65536};
+    return sizes[id % 4] - (id * 37) % 256;
+}
+
+static void check_hit(const race_t *race, uint64_t id, const uint8_t *buf, int64_t result)
+{
+    CHECK_EQ(result, race->length[id]);
+    if (memcmp(buf, race->payload[id], race->length[id]) != 0)
+        fprintf(stderr, "block of key %llu differs from its payload\n", (unsigned long long)id);
+    CHECK(memcmp(buf, race->payload[id], race->length[id]) == 0);
+}
+
+static void *worker_main(void *arg)
+{
+    worker_t *w = arg;
+    race_t *race = w->race;
+    ems_conn_config_t config = tcp_config(race->fixture, "shared", EMS_ROLE_CLIENT);
+    ems_conn_t *conn = open_or_fail(&config);
+    uint8_t *bufs[MAX_BATCH];
+    for (int i = 0; i < MAX_BATCH; i++)
+        bufs[i] = zeroed(65536);
+    uint64_t rng = w->seed;
+
+    for (long op = 0; op < race->ops; op++) {
+        /* A batch of distinct keys: an odd stride over a power-of-two key count. */
+        uint64_t r = test_next_random(&rng);
+        uint64_t n = 1 + r % MAX_BATCH;
+        uint64_t first = (r >> 8) % NKEYS, stride = 2 * ((r >> 16) % 8) + 1;
+        uint64_t ids[MAX_BATCH], lengths[MAX_BATCH];
+        uint8_t keys[MAX_BATCH * EMS_KEY_BYTES];
+        int known[MAX_BATCH];
+        for (uint64_t i = 0; i < n; i++) {
+            ids[i] = (first + i * stride) % NKEYS;
+            lengths[i] = race->length[ids[i]];
+            memcpy(keys + i * EMS_KEY_BYTES, race->keys[ids[i]], EMS_KEY_BYTES);
+            /* Read before the request: a key seen stored earlier must be found. */
+            known[i] = ids[i] < NSTABLE && atomic_load(&race->seen_stored[ids[i]]);
+        }
+        int64_t results[MAX_BATCH];
+        uint64_t kind = (r >> 24) % 10;
+
+        if (kind < 3) {
+            const void *srcs[MAX_BATCH];
+            for (uint64_t i = 0; i < n; i++)
+                srcs[i] = race->payload[ids[i]];
+            CHECK_EQ(ems_conn_put_many(conn, keys, n, srcs, lengths, results, CALL_TIMEOUT_MS),
+                     0);
+            for (uint64_t i = 0; i < n; i++) {
+                CHECK(results[i] == 0 || results[i] == 1);
+                if (ids[i] < NSTABLE)
+                    atomic_store(&race->seen_stored[ids[i]], 1);
+                w->put_stored += results[i] == 0;
+            }
+            w->puts += n;
+        } else if (kind < 7) {
+            void *dsts[MAX_BATCH];
+            for (uint64_t i = 0; i < n; i++) {
+                dsts[i] = bufs[i];
+                memset(bufs[i], 0, lengths[i]);
+            }
+            CHECK_EQ(ems_conn_get_many(conn, keys, n, dsts, lengths, results, CALL_TIMEOUT_MS),
+                     0);
+            for (uint64_t i = 0; i < n; i++) {
+                if (results[i] == -ENOENT) {
+                    CHECK(!known[i]);
+                    continue;
+                }
+                check_hit(race, ids[i], bufs[i], results[i]);
+                w->get_hits++;
+            }
+            w->gets += n;
+        } else if (kind < 8) {
+            uint8_t present[MAX_BATCH];
+            CHECK_EQ(ems_conn_exists_many(conn, keys, n, present, CALL_TIMEOUT_MS), 0);
+            for (uint64_t i = 0; i < n; i++) {
+                CHECK(present[i] <= 1);
+                CHECK(present[i] || !known[i]);
+            }
+        } else if (kind < 9) {
+            /* Delete the churn keys of the batch only. */
+            uint8_t churn[MAX_BATCH * EMS_KEY_BYTES];
+            uint64_t m = 0;
+            for (uint64_t i = 0; i < n; i++)
+                if (ids[i] >= NSTABLE)
+                    memcpy(churn + m++ * EMS_KEY_BYTES, keys + i * EMS_KEY_BYTES, EMS_KEY_BYTES);
+            if (m == 0)
+                continue;
+            CHECK_EQ(ems_conn_delete_many(conn, churn, m, results, CALL_TIMEOUT_MS), 0);
+            for (uint64_t i = 0; i < m; i++)
+                CHECK(results[i] == 0 || results[i] == -ENOENT);
+            w->deletes += m;
+        } else {
+            uint32_t holders[MAX_BATCH];
+            CHECK_EQ(ems_conn_dir_lookup(conn, keys, n, holders, CALL_TIMEOUT_MS), 0);
+            for (uint64_t i = 0; i < n; i++)
+                CHECK(holders[i] == EMS_HOLDER_NONE || holders[i] == MONITOR_HOLDER);
+        }
+    }
+
+    ems_conn_close(conn);
+    for (int i = 0; i < MAX_BATCH; i++)
+        free(bufs[i]);
+    atomic_fetch_add(&race->workers_done, 1);
+    return NULL;
+}
+
+static int is_stored_key(const race_t *race, const uint8_t *key)
+{
+    for (int i = 0; i < NKEYS; i++)
+        if (memcmp(race->stored[i], key, EMS_KEY_BYTES) == 0)
+            return 1;
+    return 0;
+}
+
+/* Acts as the daemon: polls statistics and the log, announces committed keys to the
+ * directory under MONITOR_HOLDER, and checks what the directory returns. */
+static void *monitor_main(void *arg)
+{
+    race_t *race = arg;
+    ems_server_t *server = race->fixture->server;
+    uint8_t announced[32 * EMS_KEY_BYTES];
+    uint32_t holders[NKEYS];
+    char log[4096];
+    uint64_t rounds = 0;
+
+    while (atomic_load(&race->workers_done) < NWORKERS) {
+        ems_server_stats_t stats;
+        ems_server_stats(server, &stats);
+        CHECK(stats.get_hits <= stats.gets);
+        CHECK(stats.put_stored <= stats.puts);
+        CHECK(stats.connections_open <= NWORKERS);
+
+        /* Nothing the workers do is an error the server logs. */
+        size_t log_len = ems_server_take_log(server, log, sizeof log - 1);
+        log[log_len] = 0;
+        if (log_len)
+            fprintf(stderr, "unexpected server log:\n%s", log);
+        CHECK_EQ(log_len, 0);
+
+        uint64_t dropped = 99;
+        uint64_t n = ems_server_take_new_keys(server, announced, 32, &dropped);
+        CHECK_EQ(dropped, 0);
+        for (uint64_t i = 0; i < n; i++)
+            CHECK(is_stored_key(race, announced + i * EMS_KEY_BYTES));
+        CHECK_EQ(ems_server_dir_register(server, announced, n, MONITOR_HOLDER), n);
+        ems_server_dir_lookup(server, announced, n, holders);
+        check_holders(holders, n, MONITOR_HOLDER);
+
+        ems_server_dir_lookup(server, &race->stored[0][0], NKEYS, holders);
+        for (int i = 0; i < NKEYS; i++)
+            CHECK(holders[i] == EMS_HOLDER_NONE || holders[i] == MONITOR_HOLDER);
+        if (++rounds % 16 == 0)
+            ems_server_dir_forget(server, MONITOR_HOLDER);
+
+        struct timespec pause = {0, 1000000};
+        nanosleep(&pause, NULL);
+    }
+    return NULL;
+}
+
+static void wait_for_no_connections(ems_server_t *server)
+{
+    uint64_t give_up = ems_now_ms() + CALL_TIMEOUT_MS;
+    for (;;) {
+        ems_server_stats_t stats;
+        ems_server_stats(server, &stats);
+        if (stats.connections_open == 0)
+            return;
+        CHECK(ems_now_ms() < give_up);
+        struct timespec pause = {0, 1000000};
+        nanosleep(&pause, NULL);
+    }
+}
+
+static void test_concurrent_clients(long ops)
+{
+    server_fixture_t f;
+    fixture_start(&f);
+    race_t *race = calloc(1, sizeof *race);
+    CHECK(race != NULL);
+    race->fixture = &f;
+    race->ops = ops;
+    uint8_t salt[32];
+    ems_tenant_salt("shared", 6, salt);
+    for (int i = 0; i < NKEYS; i++) {
+        test_make_key(race->keys[i], (uint64_t)i, RACE_SALT);
+        race->length[i] = race_length((uint64_t)i);
+        race->payload[i] = payload_of(1000 + (uint64_t)i, race->length[i]);
+    }
+    ems_tenant_keys(salt, &race->keys[0][0], NKEYS, &race->stored[0][0]);
+
+    worker_t workers[NWORKERS];
+    memset(workers, 0, sizeof workers);
+    pthread_t monitor;
+    CHECK_EQ(pthread_create(&monitor, NULL, monitor_main, race), 0);
+    for (int i = 0; i < NWORKERS; i++) {
+        workers[i].race = race;
+        workers[i].seed = 0xabc0 + (uint64_t)i;
+        CHECK_EQ(pthread_create(&workers[i].thread, NULL, worker_main, &workers[i]), 0);
+    }
+    for (int i = 0; i < NWORKERS; i++)
+        CHECK_EQ(pthread_join(workers[i].thread, NULL), 0);
+    CHECK_EQ(pthread_join(monitor, NULL), 0);
+
+    /* The server counted exactly the keys the clients sent and the hits they got. Its
+     * GET counters move after the response is sent, so wait for every connection
+     * thread to finish first. */
+    wait_for_no_connections(f.server);
+    uint64_t gets = 0, get_hits = 0, puts = 0, put_stored = 0;
+    for (int i = 0; i < NWORKERS; i++) {
+        gets += workers[i].gets;
+        get_hits += workers[i].get_hits;
+        puts += workers[i].puts;
+        put_stored += workers[i].put_stored;
+    }
+    ems_server_stats_t stats;
+    ems_server_stats(f.server, &stats);
+    CHECK_EQ(stats.gets, gets);
+    CHECK_EQ(stats.get_hits, get_hits);
+    CHECK_EQ(stats.puts, puts);
+    CHECK_EQ(stats.put_stored, put_stored);
+    CHECK_EQ(stats.auth_failures, 0);
+    CHECK_EQ(stats.bad_frames, 0);
+    CHECK_EQ(stats.errors, 0);
+    CHECK(get_hits > 0);
+    CHECK(put_stored >= NSTABLE / 2);
+
+    /* The "must hit" rule above holds only because nothing was evicted. */
+    ems_pool_stats_t pool_stats;
+    ems_pool_stats(&f.pool, &pool_stats, NULL, 0);
+    CHECK_EQ(pool_stats.evictions, 0);
+
+    for (int i = 0; i < NKEYS; i++)
+        free(race->payload[i]);
+    free(race);
+    fixture_stop(&f);
+}
+
+/* ---- stopping a server under open connections --------------------------------------- */
+
+typedef struct pinger {
+    ems_conn_t *conn;
+    _Atomic int started;
+    int last_rc;
+} pinger_t;
+
+/* Pings until a call fails, as a client in the middle of its work when the server stops. */
+static void *pinger_main(void *arg)
+{
+    pinger_t *p = arg;
+    uint64_t give_up = ems_now_ms() + 3 * CALL_TIMEOUT_MS;
+    int rc;
+    do {
+        rc = ems_conn_ping(p->conn, CALL_TIMEOUT_MS);
+        atomic_store(&p->started, 1);
+        CHECK(ems_now_ms() < give_up);
+    } while (rc == 0);
+    p->last_rc = rc;
+    return NULL;
+}
+
+static void test_stop_with_open_connections(void)
+{
+    enum { LENGTH = 4096 };
+    server_fixture_t f;
+    fixture_start(&f);
+    ems_conn_config_t tcp = tcp_config(&f, "alpha", EMS_ROLE_CLIENT);
+    ems_conn_config_t local = local_config(&f, "alpha");
+    ems_conn_t *conns[3] = {open_or_fail(&tcp), open_or_fail(&tcp), open_or_fail(&local)};
+    for (int i = 0; i < 3; i++)
+        CHECK_EQ(ems_conn_ping(conns[i], CALL_TIMEOUT_MS), 0);
+
+    /* A fourth connection keeps sending requests while the server stops. */
+    pinger_t pinger = {.conn = open_or_fail(&tcp)};
+    pthread_t thread;
+    CHECK_EQ(pthread_create(&thread, NULL, pinger_main, &pinger), 0);
+    while (!atomic_load(&pinger.started)) {
+        struct timespec pause = {0, 1000000};
+        nanosleep(&pause, NULL);
+    }
+
+    uint64_t start = ems_now_ms();
+    ems_server_stop(f.server);
+    f.server = NULL;
+    uint64_t stop_ms = ems_now_ms() - start;
+    if (stop_ms >= CALL_TIMEOUT_MS)
+        fprintf(stderr, "ems_server_stop took %llu ms\n", (unsigned long long)stop_ms);
+    CHECK(stop_ms < CALL_TIMEOUT_MS);
+    CHECK_EQ(pthread_join(thread, NULL), 0);
+    CHECK(pinger.last_rc < 0);
+
+    /* Every call fails at once with a transport error, well before its deadline. */
+    uint8_t key[EMS_KEY_BYTES];
+    test_make_key(key, 1, 0x6006);
+    uint8_t *block = zeroed(LENGTH);
+    int64_t result = 99;
+    uint64_t length = LENGTH;
+    void *dsts[1] = {block};
+    const void *srcs[1] = {block};
+    uint8_t present;
+    for (int i = 0; i < 3; i++) {
+        uint64_t begin = ems_now_ms();
+        int rc;
+        if (i == 0)
+            rc = ems_conn_get_many(conns[i], key, 1, dsts, &length, &result, CALL_TIMEOUT_MS);
+        else if (i == 1)
+            rc = ems_conn_put_many(conns[i], key, 1, srcs, &length, &result, CALL_TIMEOUT_MS);
+        else
+            rc = ems_conn_exists_many(conns[i], key, 1, &present, CALL_TIMEOUT_MS);
+        uint64_t took = ems_now_ms() - begin;
+        if (rc >= 0 || rc == -ETIMEDOUT || took >= CALL_TIMEOUT_MS / 2)
+            fprintf(stderr, "connection %d: call returned %d after %llu ms\n", i, rc,
+                    (unsigned long long)took);
+        CHECK(rc < 0);
+        CHECK(rc != -ETIMEDOUT);
+        CHECK(took < CALL_TIMEOUT_MS / 2);
+        CHECK(!ems_conn_alive(conns[i]));
+        CHECK_EQ(ems_conn_ping(conns[i], CALL_TIMEOUT_MS), -ENOTCONN);
+    }
+
+    /* Nothing listens any more, on either socket. */
+    ems_conn_t *late = NULL;
+    CHECK_EQ(ems_conn_open(&tcp, &late, NULL, 0), -ECONNREFUSED);
+    CHECK_EQ(ems_conn_open(&local, &late, NULL, 0), -ENOENT);
+    CHECK(late == NULL);
+
+    for (int i = 0; i < 3; i++)
+        ems_conn_close(conns[i]);
+    ems_conn_close(pinger.conn);
+    free(block);
+    fixture_stop(&f);
+}
+
+/* ---- deadlines against a silent peer ------------------------------------------------ */
+
+#define SHORT_TIMEOUT_MS 300u
+#define SLACK_MS 2000u   /* scheduling delay allowed past a deadline, under sanitizers */
+
+/* A listener on 127.0.0.1 that accepts `connections` connections one after another and
+ * never responds to a request, except to HELLO when answer_hello is set. */
+typedef struct silent_peer {
+    int listen_fd;
+    uint16_t port;
+    int answer_hello;
+    int connections;
+    pthread_t thread;
+} silent_peer_t;
+
+static void answer_hello(int fd)
+{
+    uint8_t header[EMS_FRAME_HEADER_BYTES], payload[256];
+    CHECK(recv(fd, header, sizeof header, MSG_WAITALL) == (ssize_t)sizeof header);
+    ems_frame_t req;
+    CHECK_EQ(ems_frame_decode(header, sizeof payload, &req), 0);
+    CHECK_EQ(req.opcode, EMS_OP_HELLO);
+    CHECK(recv(fd, payload, req.payload_len, MSG_WAITALL) == (ssize_t)req.payload_len);
+
+    /* Version, auth_required = 0, and an all-zero challenge. */
+    uint8_t body[4 + EMS_CHALLENGE_BYTES];
+    memset(body, 0, sizeof body);
+    ems_put16(body, EMS_PROTO_VERSION_MAX);
+    ems_frame_t resp = {
+        .version = EMS_PROTO_VERSION_MAX, .opcode = EMS_OP_HELLO,
+        .request_id = req.request_id, .payload_len = sizeof body,
+        .payload_crc = ems_crc32c(0, body, sizeof body), .flags = EMS_FRAME_RESPONSE,
+    };
+    uint8_t out[EMS_FRAME_HEADER_BYTES + sizeof body];
+    ems_frame_encode(&resp, out);
+    memcpy(out + EMS_FRAME_HEADER_BYTES, body, sizeof body);
+    CHECK(send(fd, out, sizeof out, MSG_NOSIGNAL) == (ssize_t)sizeof out);
+}
+
+static void *silent_peer_main(void *arg)
+{
+    silent_peer_t *peer = arg;
+    for (int i = 0; i < peer->connections; i++) {
+        int fd = accept(peer->listen_fd, NULL, NULL);
+        CHECK(fd >= 0);
+        if (peer->answer_hello)
+            answer_hello(fd);
+        /* Read and ignore everything until the client closes. */
+        uint8_t sink[4096];
+        while (recv(fd, sink, sizeof sink, 0) > 0)
+            ;
+        close(fd);
+    }
+    return NULL;
+}
+
+static void silent_peer_start(silent_peer_t *peer, int hello, int connections)
+{
+    memset(peer, 0, sizeof *peer);
+    peer->answer_hello = hello;
+    peer->connections = connections;
+    peer->listen_fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    CHECK(peer->listen_fd >= 0);
+    struct sockaddr_in addr = {.sin_family = AF_INET, .sin_port = 0};
+    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    CHECK_EQ(bind(peer->listen_fd, (struct sockaddr *)&addr, sizeof addr), 0);
+    CHECK_EQ(listen(peer->listen_fd, 4), 0);
+    socklen_t len = sizeof addr;
+    CHECK_EQ(getsockname(peer->listen_fd, (struct sockaddr *)&addr, &len), 0);
+    peer->port = ntohs(addr.sin_port);
+    CHECK_EQ(pthread_create(&peer->thread, NULL, silent_peer_main, peer), 0);
+}
+
+static void silent_peer_join(silent_peer_t *peer)
+{
+    CHECK_EQ(pthread_join(peer->thread, NULL), 0);
+    close(peer->listen_fd);
+}
+
+static ems_conn_config_t silent_config(const silent_peer_t *peer)
+{
+    ems_conn_config_t config = {
+        .host = "127.0.0.1", .port = peer->port, .tenant = "alpha",
+        .role = EMS_ROLE_CLIENT, .max_payload = MAX_PAYLOAD, .timeout_ms = SHORT_TIMEOUT_MS,
+    };
+    return config;
+}
+
+/* Fails unless the call timed out after its whole deadline (less 5 ms of millisecond
+ * rounding) and at most SLACK_MS more. */
+static void check_timed_out(const char *call_name, int rc, uint64_t took)
+{
+    if (rc != -ETIMEDOUT || took + 5 < SHORT_TIMEOUT_MS || took > SHORT_TIMEOUT_MS + SLACK_MS)
+        fprintf(stderr, "%s returned %d after %llu ms (deadline %u ms)\n", call_name, rc,
+                (unsigned long long)took, SHORT_TIMEOUT_MS);
+    CHECK_EQ(rc, -ETIMEDOUT);
+    CHECK(took + 5 >= SHORT_TIMEOUT_MS);
+    CHECK(took <= SHORT_TIMEOUT_MS + SLACK_MS);
+}
+
+static void test_open_times_out_on_silent_peer(void)
+{
+    silent_peer_t peer;
+    silent_peer_start(&peer, 0, 1);
+    ems_conn_config_t config = silent_config(&peer);
+    ems_conn_t *conn = NULL;
+    char error[160];
+
+    uint64_t begin = ems_now_ms();
+    int rc = ems_conn_open(&config, &conn, error, sizeof error);
+    check_timed_out("ems_conn_open", rc, ems_now_ms() - begin);
+    CHECK(conn == NULL);
+    CHECK(error[0] != 0);
+    silent_peer_join(&peer);
+}
+
+static void test_calls_time_out_after_handshake(void)
+{
+    silent_peer_t peer;
+    silent_peer_start(&peer, 1, 2);
+    ems_conn_config_t config = silent_config(&peer);
+    config.timeout_ms = CALL_TIMEOUT_MS;
+    uint8_t key[EMS_KEY_BYTES];
+    test_make_key(key, 1, 0x7007);
+
+    /* First connection: a ping. */
+    ems_conn_t *conn = open_or_fail(&config);
+    uint64_t begin = ems_now_ms();
+    int rc = ems_conn_ping(conn, SHORT_TIMEOUT_MS);
+    check_timed_out("ems_conn_ping", rc, ems_now_ms() - begin);
+    CHECK(!ems_conn_alive(conn));
+    uint8_t present;
+    CHECK_EQ(ems_conn_exists_many(conn, key, 1, &present, SHORT_TIMEOUT_MS), -ENOTCONN);
+    ems_conn_close(conn);
+
+    /* Second connection: a get, which reads its response differently. */
+    conn = open_or_fail(&config);
+    uint8_t block[64];
+    void *dsts[1] = {block};
+    uint64_t length = sizeof block;
+    int64_t result = 99;
+    begin = ems_now_ms();
+    rc = ems_conn_get_many(conn, key, 1, dsts, &length, &result, SHORT_TIMEOUT_MS);
+    check_timed_out("ems_conn_get_many", rc, ems_now_ms() - begin);
+    CHECK(!ems_conn_alive(conn));
+    ems_conn_close(conn);
+
+    silent_peer_join(&peer);
+}
+
+int main(int argc, char **argv)
+{
+    long ops = argc > 1 ? strtol(argv[1], NULL, 10) : 50000;
+    CHECK(ops > 0);
+
+    RUN_TEST(test_block_round_trip);
+    RUN_TEST(test_directory_roles);
+    RUN_TEST(test_auth_rejects_bad_secret);
+    RUN_TEST(test_tenant_isolation);
+    RUN_TEST(test_local_put_visible_over_tcp);
+    fprintf(stderr, "[ RUN  ] test_concurrent_clients (%ld requests per thread)\n", ops);
+    uint64_t begin = ems_now_ms();
+    test_concurrent_clients(ops);
+    fprintf(stderr, "[  OK  ] test_concurrent_clients (%llu ms)\n",
+            (unsigned long long)(ems_now_ms() - begin));
+    RUN_TEST(test_stop_with_open_connections);
+    RUN_TEST(test_open_times_out_on_silent_peer);
+    RUN_TEST(test_calls_time_out_after_handshake);
+    printf("test_transfer: ok\n");
+    return 0;
+}
