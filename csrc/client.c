@@ -451,6 +451,15 @@ int ems_conn_delete_many(ems_conn_t *conn, const uint8_t *keys, uint64_t n, int6
     return rc;
 }
 
+int ems_conn_protect(ems_conn_t *conn, const uint8_t *keys, uint64_t n, int protect,
+                     uint64_t *present, uint32_t timeout_ms)
+{
+    int rc = key_call(conn, EMS_OP_PROTECT, keys, n, protect ? 1 : 0, 8, timeout_ms);
+    if (rc == 0)
+        *present = ems_get64(conn->buf);
+    return rc;
+}
+
 int ems_conn_dir_register(ems_conn_t *conn, const uint8_t *stored_keys, uint64_t n,
                           uint32_t holder, uint32_t timeout_ms)
 {

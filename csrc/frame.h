@@ -45,7 +45,8 @@ typedef enum {
     EMS_OP_LOCAL_ATTACH = 12,  /* local socket only: the response carries the pool memfd */
     EMS_OP_LOCAL_RESERVE = 13, /* local socket only: reserve slots the client fills */
     EMS_OP_LOCAL_COMMIT = 14,  /* local socket only: publish the reserved slots */
-    EMS_OP_LAST = EMS_OP_LOCAL_COMMIT,
+    EMS_OP_PROTECT = 15,       /* set (arg 1) or clear (arg 0) the evict-last hint */
+    EMS_OP_LAST = EMS_OP_PROTECT,
 } ems_opcode_t;
 
 typedef enum {

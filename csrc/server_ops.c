@@ -395,6 +395,21 @@ static int op_delete(ems_srv_conn_t *conn, const ems_frame_t *req)
     return respond_ok(conn, req, conn->out, 8 * n, NULL, 0);
 }
 
+/* arg 1 sets the PROTECT hint on the present keys, arg 0 clears it; answers how many of
+ * the keys were present. */
+static int op_protect(ems_srv_conn_t *conn, const ems_frame_t *req)
+{
+    uint64_t n;
+    uint32_t arg;
+    if (parse_batch(conn, req, 0, &n, &arg) < 0)
+        return 0;
+    if (arg > 1)
+        return reject(conn, req, EMS_STATUS_BAD_REQUEST, "PROTECT arg must be 0 or 1");
+    uint8_t count[8];
+    ems_put64(count, (uint64_t)ems_pool_protect(conn->server->cfg.pool, conn->keys, n, (int)arg));
+    return respond_ok(conn, req, count, sizeof count, NULL, 0);
+}
+
 /* ---- directory --------------------------------------------------------------------- */
 
 static int op_dir_register(ems_srv_conn_t *conn, const ems_frame_t *req)
@@ -572,7 +587,7 @@ static int op_local_commit(ems_srv_conn_t *conn, const ems_frame_t *req)
 int ems_srv_dispatch(ems_srv_conn_t *conn, const ems_frame_t *req)
 {
     uint16_t op = req->opcode;
-    int local_op = op >= EMS_OP_LOCAL_ATTACH;
+    int local_op = op >= EMS_OP_LOCAL_ATTACH && op <= EMS_OP_LOCAL_COMMIT;
 
     /* Permission checks come before the payload is read: a refused frame's payload is
      * never buffered, and the connection is closed. */
@@ -582,7 +597,8 @@ int ems_srv_dispatch(ems_srv_conn_t *conn, const ems_frame_t *req)
         return refuse(conn, req, EMS_STATUS_BAD_REQUEST, "local operation on a TCP connection");
     int node_op = op == EMS_OP_DIR_REGISTER;
     int client_op = op == EMS_OP_GET || op == EMS_OP_PUT || op == EMS_OP_EXISTS ||
-                    op == EMS_OP_MATCH_PREFIX || op == EMS_OP_DELETE || local_op;
+                    op == EMS_OP_MATCH_PREFIX || op == EMS_OP_DELETE || op == EMS_OP_PROTECT ||
+                    local_op;
     if (node_op && conn->role != EMS_ROLE_NODE)
         return refuse(conn, req, EMS_STATUS_UNAUTHENTICATED, "directory registration needs the node role");
     if (client_op && conn->role != EMS_ROLE_CLIENT)
@@ -610,6 +626,7 @@ int ems_srv_dispatch(ems_srv_conn_t *conn, const ems_frame_t *req)
     case EMS_OP_EXISTS: return op_exists(conn, req);
     case EMS_OP_MATCH_PREFIX: return op_match_prefix(conn, req);
     case EMS_OP_DELETE: return op_delete(conn, req);
+    case EMS_OP_PROTECT: return op_protect(conn, req);
     case EMS_OP_DIR_REGISTER: return op_dir_register(conn, req);
     case EMS_OP_DIR_LOOKUP: return op_dir_lookup(conn, req);
     case EMS_OP_STATS: return op_stats(conn, req);

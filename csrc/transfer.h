@@ -141,6 +141,10 @@ int ems_conn_match_prefix(ems_conn_t *conn, const uint8_t *keys, uint64_t n, uin
                           uint32_t timeout_ms);
 int ems_conn_delete_many(ems_conn_t *conn, const uint8_t *keys, uint64_t n, int64_t *results,
                          uint32_t timeout_ms);
+/* Sets (protect = 1) or clears the evict-last hint on the present keys; *present gets
+ * how many were present. */
+int ems_conn_protect(ems_conn_t *conn, const uint8_t *keys, uint64_t n, int protect,
+                     uint64_t *present, uint32_t timeout_ms);
 /* Node role only: register stored keys held by `holder` at this directory shard. */
 int ems_conn_dir_register(ems_conn_t *conn, const uint8_t *stored_keys, uint64_t n,
                           uint32_t holder, uint32_t timeout_ms);

@@ -81,6 +81,8 @@ cdef extern from "transfer.h":
                               uint64_t *count, uint32_t timeout_ms) nogil
     int ems_conn_delete_many(ems_conn_t *conn, const uint8_t *keys, uint64_t n,
                              int64_t *results, uint32_t timeout_ms) nogil
+    int ems_conn_protect(ems_conn_t *conn, const uint8_t *keys, uint64_t n, int protect,
+                         uint64_t *present, uint32_t timeout_ms) nogil
     int ems_conn_dir_register(ems_conn_t *conn, const uint8_t *stored_keys, uint64_t n,
                               uint32_t holder, uint32_t timeout_ms) nogil
     int ems_conn_dir_lookup(ems_conn_t *conn, const uint8_t *keys, uint64_t n,
@@ -500,6 +502,19 @@ cdef class Connection:
             return [results[i] for i in range(batch.n)]
         finally:
             free(results)
+
+    def protect(self, keys, bint protect=True, uint32_t timeout_ms=1000):
+        """Set (or with protect=False clear) the evict-last hint on the stored keys; returns
+        how many of them were present."""
+        cdef KeyBatch batch = KeyBatch(keys)
+        cdef uint64_t present = 0
+        cdef int rc
+        self._open()
+        with nogil:
+            rc = ems_conn_protect(self.conn, batch.data, batch.n, protect, &present,
+                                  timeout_ms)
+        self._check(rc, "PROTECT")
+        return present
 
     def dir_register(self, stored_keys, uint32_t holder, uint32_t timeout_ms=1000):
         """Node role: register stored keys held by `holder` at this directory shard."""

@@ -550,12 +550,39 @@ class ClusterClient(_AsyncCalls):
         return deleted
 
     def protect(self, keys) -> int:
-        # TODO: the protect hint needs an operation on the daemon; until then it is kept
-        # only by embedded pools. Returns 0 (no block was marked).
-        return 0
+        """Mark blocks to be evicted last (for requests waiting in the scheduler), on the
+        local daemon and on the holders of the other keys. Returns how many were found."""
+        return self._protect(_key_list(keys), True)
 
     def unprotect(self, keys) -> int:
-        return 0
+        return self._protect(_key_list(keys), False)
+
+    def _protect(self, keys: list[bytes], flag: bool) -> int:
+        found = 0
+        local = [False] * len(keys)
+        if self._local is not None and keys:
+            try:
+                with self._local_lock:
+                    found = self._local.protect(keys, flag, timeout_ms=self.timeout_ms)
+                local = self._read_local("exists_many",
+                                         _core.tenant_keys(self.tenant, keys)) or local
+            except TransferError as exc:
+                self._note_error("PROTECT at the local daemon", exc)
+        rest = [k for k, here in zip(keys, local) if not here]
+        if not rest or self.membership is None:
+            return found
+        holders = self._lookup(rest)
+        by_id = {r.holder_id(): r for r in self._nodes().values()}
+        for holder in np.unique(holders):
+            record = by_id.get(int(holder))
+            if record is None or record.node_id == self._local_node_id:
+                continue
+            subset = [rest[i] for i in np.flatnonzero(holders == holder)]
+            try:
+                found += self._peer(record).call("protect", subset, flag)
+            except TransferError as exc:
+                self._note_error(f"PROTECT at node {record.node_id}", exc)
+        return found
 
     # -- inspection --
 

@@ -137,3 +137,26 @@ def test_cluster_client_without_membership_is_local_mode(local_daemon):
         assert client.put(os.urandom(32), b"y" * 100)
     finally:
         client.close()
+
+
+def test_local_protect_keeps_blocks_through_eviction(tmp_path):
+    """Protected blocks outlive a flood of puts that evicts everything else."""
+    pool = ems.Pool(8 << 20, slab_size=1 << 20, pages="small")
+    path = str(tmp_path / "p.sock")
+    server = core.Server(pool, port=0, unix_path=path, secret=SECRET, node_id=6)
+    try:
+        with ems.connect("local", socket_path=path, secret=SECRET) as client:
+            kept = [make_key(i, "kept") for i in range(2)]
+            client.put_many(kept, [make_block(k, 1, 256 << 10) for k in kept])
+            assert client.protect(kept + [make_key(9, "absent")]) == 2
+            for start in range(0, 96, 8):
+                flood = [make_key(i, "flood") for i in range(start, start + 8)]
+                client.put_many(flood, [make_block(k, 1, 256 << 10) for k in flood])
+            assert pool.stats()["evictions"] > 0
+            outs = [bytearray(256 << 10) for _ in kept]
+            assert client.get_many_into(kept, outs) == [True, True]
+            assert [bytes(o) for o in outs] == [make_block(k, 1, 256 << 10) for k in kept]
+            assert client.unprotect(kept) == 2
+    finally:
+        server.stop()
+        pool.close()
