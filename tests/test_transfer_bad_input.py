@@ -163,7 +163,7 @@ HEADER_CASES = {
     "bad_header_crc": (corrupt_header_crc(encode_frame(PING)), BAD_REQUEST,
                        "bad magic or header checksum"),
     "opcode_0": (encode_frame(0), BAD_REQUEST, "bad opcode, flags or status"),
-    "opcode_15": (encode_frame(15), BAD_REQUEST, "bad opcode, flags or status"),
+    "opcode_16": (encode_frame(16), BAD_REQUEST, "bad opcode, flags or status"),
     "opcode_ffff": (encode_frame(0xffff), BAD_REQUEST, "bad opcode, flags or status"),
     "response_flag": (encode_frame(GET, flags=RESPONSE), BAD_REQUEST,
                       "bad opcode, flags or status"),
