@@ -24,7 +24,7 @@ import numpy as np
 from ems import _core
 from ems.client import BATCH_BYTES, directory_shards, load_secret
 from ems.cluster.membership import HOLDER_NONE, NodeRecord, open_membership
-from ems.errors import MembershipError, TransferError
+from ems.errors import AuthenticationError, MembershipError, TransferError
 from ems.keys import KEY_BYTES, chain_keys, layer_keys
 
 # A daemon has one tier, its DRAM pool. The stats table has a tier column so that more
@@ -107,10 +107,16 @@ class Reply:
     target: Target
     value: object = None
     error: str | None = None
+    refused: bool = False   # the daemon answered but refused the secret
 
     @property
     def up(self) -> bool:
         return self.error is None
+
+    @property
+    def state(self) -> str:
+        """"up", "refused" (it answered but refused our secret) or "down"."""
+        return "up" if self.up else ("refused" if self.refused else "down")
 
 
 @dataclass
@@ -144,6 +150,8 @@ class Session:
         def ask_one(target: Target) -> Reply:
             try:
                 conn = self.connect(target)
+            except AuthenticationError as exc:
+                return Reply(target, error=str(exc), refused=True)
             except TransferError as exc:
                 return Reply(target, error=str(exc))
             try:
@@ -204,8 +212,9 @@ def _report_down(prog: str, replies: list[Reply], detail: str = "") -> int:
     """Name each daemon that did not respond on stderr, and return the exit status."""
     for reply in replies:
         if not reply.up:
-            print(f"{prog}: node {reply.target.node_id} ({reply.target.address}) did not "
-                  f"respond{detail}: {reply.error}", file=sys.stderr)
+            what = "refused our credentials" if reply.refused else "did not respond"
+            print(f"{prog}: node {reply.target.node_id} ({reply.target.address}) {what}"
+                  f"{detail}: {reply.error}", file=sys.stderr)
     return 0 if all(reply.up for reply in replies) else 1
 
 
@@ -286,7 +295,7 @@ def render_stats(replies: list[Reply], rates: dict[str, dict | None] | None = No
         if reply.up:
             row = [node, TIER, *_stats_cells(reply.value)]
         else:
-            row = [node, TIER, "down", *["-"] * (len(STATS_HEADER) - 3)]
+            row = [node, TIER, reply.state, *["-"] * (len(STATS_HEADER) - 3)]
         if rates is not None:
             row += _rate_cells(rates.get(node))
         rows.append(row)
@@ -304,7 +313,8 @@ def stats_json(replies: list[Reply], rates: dict[str, dict | None] | None = None
     """Collect the raw STATS figures of each daemon, by node id, and their sums."""
     nodes = {}
     for reply in replies:
-        entry = {"address": reply.target.address, "tier": TIER, "up": reply.up}
+        entry = {"address": reply.target.address, "tier": TIER, "up": reply.up,
+                 "state": reply.state}
         if reply.up:
             entry["stats"] = reply.value
         else:
@@ -401,7 +411,7 @@ def _node_entry(reply: Reply) -> dict:
     target = reply.target
     entry = asdict(target.record) if target.record is not None else {
         "node_id": target.node_id, "local_socket": target.socket_path}
-    entry.update(address=target.address, up=reply.up)
+    entry.update(address=target.address, up=reply.up, state=reply.state)
     if reply.up:
         entry.update(reply.value)
     else:
@@ -420,7 +430,7 @@ def _node_row(entry: dict) -> list[str]:
         protocol = text(entry.get("protocol"))
     capacity = entry.get("capacity_bytes")
     free = entry.get("free_bytes")
-    ping = f"ok {entry['ping_ms']:.3f} ms" if entry["up"] else "down"
+    ping = f"ok {entry['ping_ms']:.3f} ms" if entry["up"] else entry.get("state", "down")
     return [entry["node_id"], entry["address"], text(entry.get("metrics_port")),
             text(entry.get("local_socket")), format_size(capacity) if capacity else "-",
             format_size(free) if capacity else "-", protocol, text(entry.get("version")),

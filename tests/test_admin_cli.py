@@ -187,14 +187,14 @@ def test_stats_local_socket(cluster, capsys):
     assert local["stats"]["blocks"] == BLOCKS * LAYERS
 
 
-def test_stats_wrong_secret_is_down(cluster, capsys):
+def test_stats_without_secret_is_refused(cluster, capsys):
     _, common = cluster
     status, out, err = run(capsys, ["stats", *common[:2]])     # no secret
     assert status == 1
     rows = table_rows(out)
-    assert rows["a"]["capacity"] == "down"
+    assert rows["a"]["capacity"] == "refused"
     assert "node a (" in err
-    assert "did not respond" in err
+    assert "refused our credentials" in err
 
 
 # ---- ems nodes ---------------------------------------------------------------------
