@@ -126,10 +126,10 @@ int64_t ems_pool_length(ems_pool_t *pool, const uint8_t key[EMS_KEY_BYTES]);
 int64_t ems_pool_get(ems_pool_t *pool, const uint8_t key[EMS_KEY_BYTES], void *dst,
                      uint64_t dst_len, uint64_t *actual);
 
-/* Owner only: pins the block under `key` for a zero-copy send. When its length is `want`
- * returns it with *data pointing at the payload, which stays valid and unchanged until
- * ems_pool_unpin(pool, *pin); else -ENOENT, -EMSGSIZE (another length) or -EPERM
- * (attached). A pinned block is never evicted, so pins must be short-lived. */
+/* Owner only: pins the block under `key` for a zero-copy send. When its length is `want`,
+ * returns that length and points *data at the payload, which stays valid and unchanged
+ * until ems_pool_unpin(pool, *pin). Otherwise returns -ENOENT, -EMSGSIZE (another length)
+ * or -EPERM (attached handle). A pinned block is never evicted, so pins must be short. */
 int64_t ems_pool_pin(ems_pool_t *pool, const uint8_t key[EMS_KEY_BYTES], uint64_t want,
                      const uint8_t **data, uint32_t *pin);
 void ems_pool_unpin(ems_pool_t *pool, uint32_t pin);

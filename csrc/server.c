@@ -1,10 +1,10 @@
 /* Transfer server: listening sockets, one thread per connection, framing, the log and
  * the new-key queue. The operations themselves are in server_ops.c.
  *
- * A connection reads a header (waiting at most idle_timeout_ms for it), decodes it, and
- * hands it to ems_srv_dispatch; the rest of the frame must arrive within io_timeout_ms.
- * A header that fails to decode is answered with an error status, logged, and the
- * connection closed, because the stream can no longer be trusted to be in step. */
+ * A connection thread waits at most idle_timeout_ms for a header, decodes it and hands
+ * it to ems_srv_dispatch. The rest of the frame must arrive within io_timeout_ms. A header
+ * that fails to decode gets an error status, a log line, and the connection is closed,
+ * because the stream can no longer be trusted to be in step. */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
 #include <errno.h>

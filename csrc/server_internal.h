@@ -1,9 +1,9 @@
 /* State shared by server.c (lifecycle, connections, framing) and server_ops.c (the
  * operations). Not part of the public API.
  *
- * Ownership: a connection and its buffers belong to its one thread; the server's list of
- * connections, the log and the new-key queue are guarded by their mutexes; counters are
- * relaxed atomics. */
+ * Ownership: a connection and its buffers belong to its own thread. The server's list of
+ * connections, the log and the new-key queue are guarded by their mutexes, and the
+ * counters are relaxed atomics. */
 #ifndef EMS_SERVER_INTERNAL_H
 #define EMS_SERVER_INTERNAL_H
 
@@ -45,7 +45,7 @@ typedef struct ems_srv_conn {
 
     ems_reservation_t *pending;    /* local reservations awaiting LOCAL_COMMIT */
     uint8_t *pending_keys;         /* their stored keys */
-    int64_t *pending_rc;           /* each key's reserve result, answered again at commit */
+    int64_t *pending_rc;           /* each key's reserve result, returned again at commit */
     uint64_t npending;
 
     struct ems_srv_conn *prev, *next;

@@ -1,9 +1,9 @@
 /* Transfer server operations: the handshake and the batched block and directory calls.
- * Payload formats are in docs/protocol.md; every multi-byte integer is little-endian.
+ * Payload formats are in docs/protocol.md, and every multi-byte integer is little-endian.
  *
- * Rules kept here: nothing is acted on before the handshake is complete; a client
- * connection works only on stored keys of its own tenant (ems_tenant_keys), a node
- * connection only on the directory; a PUT's blocks are received straight into reserved
+ * Rules kept here. Nothing is acted on before the handshake is complete. A client
+ * connection works only on stored keys of its own tenant (ems_tenant_keys), and a node
+ * connection only on the directory. A PUT's blocks are received straight into reserved
  * slots and committed only after the whole payload has arrived with a valid checksum. */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -50,9 +50,9 @@ static int respond_ok(ems_srv_conn_t *conn, const ems_frame_t *req, void *a, siz
     return ems_srv_respond(conn, req, EMS_STATUS_OK, parts, b ? 2 : (a ? 1 : 0)) < 0 ? -1 : 0;
 }
 
-/* Checks that conn->in holds "u32 n, u32 arg, n keys, then `extra` bytes per key" and
- * nothing else, and converts the keys to stored keys in conn->keys (client role: the
- * tenant's; node role: as sent). Returns 0 or -1 after rejecting. */
+/* Checks that conn->in contains exactly "u32 n, u32 arg, n keys, then `extra` bytes per
+ * key", and converts the keys to stored keys in conn->keys (the tenant's for a client
+ * connection, unchanged for a node connection). Returns 0, or -1 after rejecting. */
 static int parse_batch(ems_srv_conn_t *conn, const ems_frame_t *req, size_t extra,
                        uint64_t *n, uint32_t *arg)
 {
@@ -395,8 +395,8 @@ static int op_delete(ems_srv_conn_t *conn, const ems_frame_t *req)
     return respond_ok(conn, req, conn->out, 8 * n, NULL, 0);
 }
 
-/* arg 1 sets the PROTECT hint on the present keys, arg 0 clears it; answers how many of
- * the keys were present. */
+/* Sets (arg 1) or clears (arg 0) the PROTECT hint on the present keys, and responds with
+ * how many of the keys were present. */
 static int op_protect(ems_srv_conn_t *conn, const ems_frame_t *req)
 {
     uint64_t n;

@@ -50,8 +50,8 @@ typedef struct ems_server_config {
     size_t secret_len;
     uint32_t node_id;            /* this node's holder id in the directory */
     uint32_t max_payload;        /* largest frame payload accepted, bytes */
-    uint32_t max_connections;    /* beyond it a new connection is answered BUSY and closed */
-    uint32_t directory_capacity; /* directory entries this shard holds */
+    uint32_t max_connections;    /* beyond it a new connection gets BUSY and is closed */
+    uint32_t directory_capacity; /* directory entries this shard can contain */
     uint32_t idle_timeout_ms;    /* a connection silent this long is closed; 0 = never */
     uint32_t io_timeout_ms;      /* a frame must arrive whole within this */
 } ems_server_config_t;
@@ -83,9 +83,10 @@ void ems_server_stats(ems_server_t *server, ems_server_stats_t *stats);
  * and replaced by one "N log lines dropped" line. */
 size_t ems_server_take_log(ems_server_t *server, char *buf, size_t len);
 
-/* Moves up to `max` stored keys committed since the last call into out (32 bytes each);
- * returns how many. The daemon announces them to their directory shards. When more than
- * the queue holds were committed, the oldest are dropped and *dropped counts them. */
+/* Moves up to `max` stored keys committed since the last call into out (32 bytes each)
+ * and returns how many. The daemon announces them to their directory shards. When more
+ * keys were committed than the queue can contain, the oldest are dropped and *dropped
+ * counts them. */
 uint64_t ems_server_take_new_keys(ems_server_t *server, uint8_t *out, uint64_t max,
                                   uint64_t *dropped);
 
@@ -114,8 +115,8 @@ typedef struct ems_conn_config {
 } ems_conn_config_t;
 
 /* Connects, negotiates the version and authenticates. Returns 0, -ECONNREFUSED,
- * -ETIMEDOUT, -EACCES (wrong secret: `error` says so), -EPROTONOSUPPORT, or another
- * negative errno. On failure `error` (may be NULL) holds a sentence naming the cause. */
+ * -ETIMEDOUT, -EACCES (wrong or missing secret), -EPROTONOSUPPORT, or another negative
+ * errno. On failure `error` (may be NULL) receives a sentence naming the cause. */
 int ems_conn_open(const ems_conn_config_t *config, ems_conn_t **out, char *error,
                   size_t error_len);
 void ems_conn_close(ems_conn_t *conn);

@@ -107,7 +107,7 @@ class Reply:
     target: Target
     value: object = None
     error: str | None = None
-    refused: bool = False   # the daemon answered but refused the secret
+    refused: bool = False   # the daemon responded but rejected the secret
 
     @property
     def up(self) -> bool:
@@ -115,8 +115,12 @@ class Reply:
 
     @property
     def state(self) -> str:
-        """"up", "refused" (it answered but refused our secret) or "down"."""
-        return "up" if self.up else ("refused" if self.refused else "down")
+        """State of the daemon: "up", "refused" (it rejected our secret) or "down"."""
+        if self.up:
+            return "up"
+        if self.refused:
+            return "refused"
+        return "down"
 
 
 @dataclass

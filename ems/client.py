@@ -59,8 +59,12 @@ def connect(mode: str | None = None, *, capacity_bytes: int | None = None,
     secret = secret if secret is not None else load_secret()
     if not mode:
         mode = env.get("EMS_MODE")
-    if not mode:
-        mode = "cluster" if zookeeper or peers else ("local" if socket_path else "embedded")
+    if not mode and (zookeeper or peers):
+        mode = "cluster"
+    elif not mode and socket_path:
+        mode = "local"
+    elif not mode:
+        mode = "embedded"
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
 
@@ -264,7 +268,8 @@ class ClusterClient(_AsyncCalls):
                 continue
             conn.close()
             return
-        logger.warning("no node of the cluster answered yet; calls are misses until one does")
+        logger.warning("no node of the cluster responded yet; calls return misses until one "
+                       "does")
 
     def _find_local_socket(self) -> str | None:
         if self.membership is None:
@@ -356,15 +361,16 @@ class ClusterClient(_AsyncCalls):
             self._last_error_log = now
             logger.warning("%s failed, served as misses: %s", what, exc)
 
-    def _note_refusals(self, where: str, results: list[int]) -> None:
-        refused = [r for r in results if r < 0]
-        if refused:
-            self.counters["put_refused"] += len(refused)
+    def _note_put_failures(self, where: str, results: list[int]) -> None:
+        """Count and log (rate-limited) the blocks a daemon could not store."""
+        failed = [r for r in results if r < 0]
+        if failed:
+            self.counters["put_refused"] += len(failed)
             now = time.monotonic()
             if now - self._last_error_log > 5.0:
                 self._last_error_log = now
-                logger.warning("%s refused %d blocks: %s", where, len(refused),
-                               os.strerror(-refused[0]))
+                logger.warning("%s could not store %d blocks: %s", where, len(failed),
+                               os.strerror(-failed[0]))
 
     # -- reads --
 
@@ -439,8 +445,8 @@ class ClusterClient(_AsyncCalls):
         return self.exists_many([key])[0]
 
     def exists_many(self, keys) -> list[bool]:
-        """Whether each key is stored somewhere (local pool or the directory). A directory
-        entry is a hint: a later get may still miss."""
+        """Return whether each key is stored somewhere (local pool or the directory). A
+        directory entry is a hint: a later get may still miss."""
         keys = _key_list(keys)
         present = [False] * len(keys)
         if self._reader is not None and keys:
@@ -454,7 +460,7 @@ class ClusterClient(_AsyncCalls):
         return list(present)
 
     def match_prefix(self, keys) -> int:
-        """Number of leading keys stored somewhere in the cluster."""
+        """Return the number of leading keys stored somewhere in the cluster."""
         keys = _key_list(keys)
         if not keys:
             return 0
@@ -463,9 +469,10 @@ class ClusterClient(_AsyncCalls):
             local = self._read_local("match_prefix", _core.tenant_keys(self.tenant, keys)) or 0
         if local == len(keys) or self.membership is None:
             return local
-        rest = self.exists_many(keys[local:]) if self._reader is None else \
-            [int(h) != HOLDER_NONE for h in self._lookup(keys[local:])]
-        return local + (rest.index(False) if False in rest else len(rest))
+        rest = [int(h) != HOLDER_NONE for h in self._lookup(keys[local:])]
+        if False in rest:
+            return local + rest.index(False)
+        return local + len(rest)
 
     # -- writes --
 
@@ -506,7 +513,7 @@ class ClusterClient(_AsyncCalls):
                 self._note_error("PUT to the local daemon", exc)
                 return stored
             stored += results.count(0)
-            self._note_refusals("the local daemon", results)
+            self._note_put_failures("the local daemon", results)
         self.counters["local_puts"] += stored
         return stored
 
@@ -526,7 +533,7 @@ class ClusterClient(_AsyncCalls):
                     self._note_error(f"PUT to node {record.node_id}", exc)
                     break
                 stored += results.count(0)
-                self._note_refusals(f"node {record.node_id}", results)
+                self._note_put_failures(f"node {record.node_id}", results)
         self.counters["remote_puts"] += stored
         return stored
 

@@ -4,10 +4,10 @@ It owns a pool and serves it over TCP and a Unix socket with the C transfer serv
 one shard of the key directory, registers in the cluster membership, announces the keys it
 stores to their directory shards, and publishes Prometheus metrics over HTTP.
 
-Threads: the C server's own run the data path, with no Python. One Python "pump" thread
-forwards the server's log lines, announces new keys in batches, pings the other nodes to
-notice a restart and refreshes the membership record. The metrics HTTP server has its own
-thread. The data path never waits on ZooKeeper or on this module.
+Threads: the C server's own threads run the data path and call no Python, so the data path
+never waits on ZooKeeper or on this module. One Python "pump" thread forwards the server's
+log lines, announces new keys in batches, pings the other nodes to notice a restart and
+refreshes the membership record. The metrics HTTP server has its own thread.
 """
 from __future__ import annotations
 
@@ -24,7 +24,8 @@ import numpy as np
 import ems
 from ems import _core
 from ems.client import directory_shards
-from ems.cluster.membership import NodeRecord, open_membership, parse_peers
+from ems.cluster.membership import (NodeRecord, check_own_entry, open_membership,
+                                    parse_peers)
 from ems.errors import TransferError
 from ems.metrics import start_metrics
 from ems.pool import Pool, run_dir
@@ -61,24 +62,6 @@ class DaemonConfig:
     peer_timeout_ms: int = 1000
 
 
-def check_peer_entry(cfg: DaemonConfig) -> None:
-    """Raise ValueError unless the static peer list names this node at its own address.
-
-    A node missing from the list, or listed at another address, would split the cluster:
-    the other nodes would route its keys elsewhere and never read its blocks."""
-    records = parse_peers(cfg.peers)
-    own = next((r for r in records if r.node_id == cfg.node_id), None)
-    if own is None:
-        raise ValueError(f"node id {cfg.node_id!r} is not in --peers ("
-                         f"{', '.join(r.node_id for r in records)}); list every node, this "
-                         "one included, with its address")
-    host = cfg.advertise_host or cfg.host
-    if own.host != host or (cfg.port and own.port != cfg.port):
-        raise ValueError(f"--peers lists node {cfg.node_id!r} at {own.host}:{own.port}, but "
-                         f"this daemon serves {host}:{cfg.port}; fix --peers or --port "
-                         "(another daemon may already use this node id)")
-
-
 class Daemon:
     """One node daemon. start() brings it up, stop() takes it down; run() does both
     around a wait for SIGTERM or SIGINT."""
@@ -108,7 +91,10 @@ class Daemon:
             logger.warning("no cluster secret configured: the daemon accepts any client "
                            "(set EMS_SECRET or --secret-file)")
         if cfg.peers and not cfg.zookeeper:
-            check_peer_entry(cfg)
+            # Checked again with the bound port when the membership opens; this check fails
+            # before anything is started.
+            check_own_entry(parse_peers(cfg.peers), cfg.node_id, cfg.advertise_host or cfg.host,
+                            cfg.port or None)
         try:
             self.pool = Pool(cfg.capacity_bytes, slab_size=cfg.slab_size, pages=cfg.pages,
                              name=f"ems-{cfg.node_id}")

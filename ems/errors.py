@@ -59,7 +59,7 @@ class AttachError(EMSError, OSError):
 
 
 class MembershipError(EMSError, ConnectionError):
-    """The cluster membership service (ZooKeeper) could not be reached or did not answer."""
+    """The cluster membership service (ZooKeeper) could not be reached or did not respond."""
 
 
 class NodeIdInUseError(EMSError):

@@ -40,7 +40,8 @@ def _registry_path(name: str) -> str:
     return os.path.join(run_dir(), name + _REGISTRY_SUFFIX)
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Return whether process `pid` exists (a process of another user counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -136,7 +137,7 @@ class Pool(_core._CorePool):
         if pid == os.getpid():
             if any(p._name == name and not p.closed for p in _owned_pools):
                 raise ValueError(f"pool name {name!r} is already used in this process")
-        elif _pid_alive(pid):
+        elif pid_alive(pid):
             raise ValueError(f"pool name {name!r} is in use by process {pid}; "
                              "choose another name")
 
@@ -202,7 +203,7 @@ def _resolve_name(name: str) -> str:
                              "with the same EMS_RUN_DIR?") from None
     except (json.JSONDecodeError, KeyError, TypeError, ValueError):
         raise AttachError(22, f"pool registry file {path} is damaged") from None
-    if not _pid_alive(pid):
+    if not pid_alive(pid):
         raise AttachError(3, f"pool {name!r} belongs to process {pid}, which is not running")
     return f"/proc/{pid}/fd/{fd}"
 
@@ -221,7 +222,7 @@ def _remove_stale_records() -> None:
                 pid = int(json.load(f)["pid"])
         except (OSError, ValueError, KeyError, TypeError):
             continue
-        if not _pid_alive(pid):
+        if not pid_alive(pid):
             logger.info("removing the name record %s of exited process %d", path, pid)
             _remove_registry(path, os.getpid())
 

@@ -374,7 +374,7 @@ def test_daemon_refuses_its_id_listed_at_another_port(tmp_path):
         rig.start(daemon, run_dir, peers="twin=127.0.0.1:1", capacity="32M", timeout=15)
 
 
-def test_remote_read_into_a_buffer_of_the_wrong_size_raises(tmp_path):
+def test_remote_wrong_buffer_size_raises(tmp_path):
     """A wrong buffer size is the caller's mistake on the remote path too, as on Pool."""
     run_dir = str(tmp_path)
     (daemon,) = rig.plan(run_dir, ["size"])

@@ -247,15 +247,15 @@ def test_static_listeners(caplog):
     assert len(seen) == 2
 
 
-def test_open_membership_without_zookeeper(caplog):
+def test_open_membership_without_zookeeper():
     own = record("b", 7001, free_bytes=3)
     members = open_membership(None, "a=127.0.0.1:7000,b=127.0.0.1:7001", "c", own)
     assert members.nodes() == {"a": record("a", 7000), "b": own}
 
-    with caplog.at_level(logging.WARNING, logger=LOGGER):
-        moved = open_membership(None, "b=127.0.0.1:9999", "c", own)
-    assert moved.nodes() == {"b": own}
-    assert "differs from this node's address" in caplog.text
+    with pytest.raises(ValueError, match="lists node 'b' at 127.0.0.1:9999"):
+        open_membership(None, "b=127.0.0.1:9999", "c", own)
+    with pytest.raises(ValueError, match="node id 'b' is not in --peers"):
+        open_membership(None, "a=127.0.0.1:7000", "c", own)
 
     assert open_membership(None, None, "c", own).nodes() == {"b": own}
     assert open_membership(None, "", "c", None).nodes() == {}

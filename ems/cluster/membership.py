@@ -195,7 +195,7 @@ class Membership:
 
     Concurrency: _lock guards _records, _listeners and _closed. Listeners run outside _lock,
     one notification at a time (_notify_lock), and each gets the set current when it runs,
-    so the last call a listener sees carries the latest set.
+    so the last call a listener receives carries the latest set.
     """
 
     def __init__(self):
@@ -633,21 +633,35 @@ class ZooKeeperMembership(Membership):
                             "reconnect", self.cluster, exc)
 
 
+def check_own_entry(records: list[NodeRecord], node_id: str, host: str,
+                    port: int | None) -> None:
+    """Raise ValueError unless the static peer list names `node_id` at host:port (any port
+    when `port` is None). A node missing from the list, or listed at another address, would
+    split the cluster: the other nodes would route its keys elsewhere."""
+    own = next((r for r in records if r.node_id == node_id), None)
+    if own is None:
+        raise ValueError(f"node id {node_id!r} is not in --peers "
+                         f"({', '.join(r.node_id for r in records)}); list every node, this "
+                         "one included, with its address")
+    if own.host != host or (port is not None and own.port != port):
+        raise ValueError(f"--peers lists node {node_id!r} at {_address(own)}, but this "
+                         f"daemon serves {host}:{port}; fix --peers or --port (another daemon "
+                         "may already use this node id)")
+
+
 def open_membership(zookeeper: str | None, peers: str | None, cluster: str = "default",
                     record: NodeRecord | None = None, timeout: float = 10.0) -> Membership:
     """Open the configured membership.
 
     ZooKeeper when `zookeeper` names hosts ("host:port,..."), else the static `peers` list
-    plus `record`, else `record` alone (or no node at all). Own `record` replaces a peer
-    entry with the same node id.
+    plus `record`, else `record` alone (or no node at all). Own `record` replaces its peer
+    entry, which must exist at the same address (see check_own_entry).
     """
     if zookeeper:
         return ZooKeeperMembership(zookeeper, cluster, record, timeout)
     records = parse_peers(peers) if peers else []
     if record is not None:
-        for peer in records:
-            if peer.node_id == record.node_id and _address(peer) != _address(record):
-                log.warning("peer entry %s=%s differs from this node's address %s; using %s",
-                            peer.node_id, _address(peer), _address(record), _address(record))
+        if records:
+            check_own_entry(records, record.node_id, record.host, record.port)
         records = [peer for peer in records if peer.node_id != record.node_id] + [record]
     return StaticMembership(records)

@@ -2,8 +2,8 @@
 
 Both backends read batches of (fd, offset, buffer) requests and return byte counts. A failed
 read returns its OSError in place of a count, so one bad file cannot fail a batch. A failed
-write raises OSError. Buffers for O_DIRECT files must be 4096-byte aligned (slices of an mmap are). A
-backend is used by one thread at a time; the store's lock ensures that.
+write raises OSError. Buffers for O_DIRECT files must be 4096-byte aligned (slices of an
+mmap are). A backend is used by one thread at a time, which the store's lock ensures.
 """
 import errno
 import logging

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 from ems import KEY_BYTES
 from ems.errors import BufferNotWritableError, BufferSizeError, InvalidKeyError
+from ems.pool import pid_alive
 from ems.tiering import segment as fmt
 from ems.tiering.io import open_backend
 
@@ -450,7 +451,7 @@ class SpillStore:
         host = fmt.host_tag()
         for name in os.listdir(self.directory):
             owner = fmt.temp_owner(name)
-            if owner is None or owner[0] != host or _pid_alive(owner[1]):
+            if owner is None or owner[0] != host or pid_alive(owner[1]):
                 continue
             try:
                 os.unlink(os.path.join(self.directory, name))
@@ -498,13 +499,3 @@ def _close_fd(seg: _Segment):
         except OSError:
             pass
         seg.fd = None
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
