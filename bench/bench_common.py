@@ -13,7 +13,8 @@ MiB = 1 << 20
 
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO_ROOT = os.path.dirname(BENCH_DIR)
-CORE_SOURCES = ["arena.c", "slab.c", "index.c", "pool.c", "pool_read.c", "pool_write.c"]
+CORE_SOURCES = ["arena.c", "slab.c", "index.c", "pool.c", "pool_read.c", "pool_write.c",
+                "spill_ring.c"]
 
 
 def run_json(binary: str, *args: str, timeout: float = 120) -> dict:

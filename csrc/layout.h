@@ -53,6 +53,7 @@ typedef struct ems_bucket {
 #define EMS_STATE_MASK 7u
 #define EMS_FLAG_REF 8u        /* CLOCK reference bit: set on hit, cleared by the hand */
 #define EMS_FLAG_PROTECT 16u   /* priority hint: evicted only when nothing else can be */
+#define EMS_FLAG_SPILLED 32u   /* already in the spill tier: eviction skips the spill ring */
 #define EMS_PIN_SHIFT 16
 #define EMS_PIN_ONE (1u << EMS_PIN_SHIFT)
 #define EMS_PIN_MAX 0xffffu
@@ -64,7 +65,7 @@ typedef struct ems_bucket {
  * that key, location and payload did not change under it. */
 typedef struct ems_entry {
     _Atomic uint32_t gen;
-    _Atomic uint32_t flags; /* state | REF | PROTECT | pins << 16 */
+    _Atomic uint32_t flags; /* state | REF | PROTECT | SPILLED | pins << 16 */
     uint32_t slab;          /* slab index; next free entry + 1 while FREE */
     uint32_t slot;          /* slot index within the slab */
     uint32_t length;        /* payload bytes */

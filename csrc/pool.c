@@ -1,11 +1,12 @@
 /* Pool lifecycle: sizing and laying out the shared mapping, creating it as the owner,
- * attaching to it as a reader, and closing. Reads are in pool_read.c and writes, with
- * eviction, in pool_write.c. */
+ * attaching to it as a reader, closing, and setting and draining the spill ring. Reads are
+ * in pool_read.c and writes, with eviction, in pool_write.c. */
 #define _GNU_SOURCE
 #include "pool.h"
 #include "pool_internal.h"
 
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 
@@ -110,6 +111,13 @@ int ems_pool_create(ems_pool_t *pool, const ems_pool_config_t *config)
     pool->layout->free_entry_head = plan.nentries ? 1 : EMS_NIL;
 
     pthread_mutex_init(&pool->lock, NULL);
+    rc = ems_spill_ring_init(&pool->spill);
+    if (rc != 0) {
+        pthread_mutex_destroy(&pool->lock);
+        ems_arena_close(&pool->arena);
+        pool->layout = NULL;
+        return rc;
+    }
     pool->owner = 1;
     return 0;
 }
@@ -162,6 +170,12 @@ void ems_pool_close(ems_pool_t *pool)
     if (pool->owner) {
         atomic_store_explicit(&pool->layout->closed, 1, memory_order_release);
         pthread_mutex_destroy(&pool->lock);
+        ems_spill_ring_destroy(&pool->spill);
+    } else {
+        /* A forked child's copy of the owner's ring (NULL when attached). Its lock may have
+         * been held by another thread at the fork, so only the buffer is freed. */
+        free(pool->spill.buf);
+        pool->spill.buf = NULL;
     }
     ems_arena_close(&pool->arena);
     pool->layout = NULL;
@@ -176,6 +190,29 @@ void ems_pool_disown(ems_pool_t *pool)
 uint64_t ems_pool_max_block(const ems_pool_t *pool)
 {
     return pool->layout->slab_size;
+}
+
+int ems_pool_set_spill_ring(ems_pool_t *pool, uint64_t bytes)
+{
+    if (!pool->owner)
+        return -EPERM;
+    if (bytes != 0 && bytes < ems_spill_record_bytes(pool->layout->slab_size))
+        return -EINVAL;
+
+    /* The pool mutex keeps evictions out while the buffer changes, and the ring lock, taken
+     * inside, keeps ems_pool_take_evicted out. */
+    pthread_mutex_lock(&pool->lock);
+    int rc = ems_spill_ring_resize(&pool->spill, bytes);
+    pthread_mutex_unlock(&pool->lock);
+    return rc;
+}
+
+uint64_t ems_pool_take_evicted(ems_pool_t *pool, uint8_t *out_keys, uint64_t *out_lengths,
+                               uint8_t *buf, uint64_t buf_len, uint64_t max_blocks)
+{
+    if (!pool->owner)
+        return 0;
+    return ems_spill_ring_take(&pool->spill, out_keys, out_lengths, buf, buf_len, max_blocks);
 }
 
 uint64_t ems_pool_keys(ems_pool_t *pool, uint64_t *cursor, uint8_t *out, uint64_t max)

@@ -8,8 +8,9 @@
  * and report a block that changed under them as a miss.
  *
  * Thread safety: every function may be called from any thread of the owner process.
- * Writers serialize on one mutex held only for metadata updates (never during a copy);
- * lookups and copies take no lock. Attached handles support the read calls only.
+ * Writers serialize on one mutex held for metadata updates. The only copy made under it is
+ * that of an evicted block into the spill ring, when one is set. Lookups and copies take no
+ * lock. Attached handles support the read calls only.
  */
 #ifndef EMS_POOL_H
 #define EMS_POOL_H
@@ -22,6 +23,7 @@
 #include "index.h"
 #include "layout.h"
 #include "slab.h"
+#include "spill_ring.h"
 
 typedef struct ems_pool_config {
     uint64_t capacity;        /* data bytes; rounded down to whole slabs */
@@ -51,6 +53,8 @@ typedef struct ems_pool {
     uint8_t pad_lock[64];
     /* Counters of an attached reader, which cannot write to the shared header. */
     _Atomic uint64_t local_hits, local_misses, local_retries;
+    /* Owner only: evicted blocks kept for the spill tier, in this process's heap. */
+    ems_spill_ring_t spill;
 } ems_pool_t;
 
 /* A slot handed out by ems_pool_reserve and not yet committed or aborted. */
@@ -115,6 +119,34 @@ int ems_pool_delete(ems_pool_t *pool, const uint8_t key[EMS_KEY_BYTES]);
  * keys were present. */
 int64_t ems_pool_protect(ems_pool_t *pool, const uint8_t *keys, uint64_t n, int protect);
 
+/* ---- spill capture (owner only) -------------------------------------------------- */
+
+/* Sets the spill ring to `bytes` bytes of process-local heap (0 disables capture and frees
+ * the ring). While a ring is set, every block that eviction removes to make room (not one
+ * removed by ems_pool_delete, not one marked with ems_pool_mark_spilled) is copied with its
+ * key and length into the ring before its slot is freed. A block the ring has no room for is
+ * dropped and counted in spill_dropped, and so is every held block that a smaller ring or
+ * disabling discards. Held blocks move to a resized ring oldest first. Returns 0, -EPERM
+ * (attached), -ENOMEM, or -EINVAL when bytes is not 0 and is smaller than the record of the
+ * largest block: ems_pool_max_block + EMS_SPILL_RECORD_HEADER.
+ * NOTE: eviction copies the payload while it holds the pool mutex, so with a ring set a
+ * write that evicts holds the mutex for one memcpy per victim. */
+int ems_pool_set_spill_ring(ems_pool_t *pool, uint64_t bytes);
+
+/* Pops captured blocks, oldest first: up to `max_blocks` records whose payloads fit
+ * together in buf_len bytes. Record i gets its key at out_keys + 32 * i, its length in
+ * out_lengths[i], and its payload at buf + out_lengths[0] + ... + out_lengths[i - 1]. A
+ * record that does not fit stays for the next call. Takes only the ring lock, never the
+ * pool mutex; the copy out happens under that lock, so an eviction waits for it. Returns
+ * the count (0 on an attached handle). */
+uint64_t ems_pool_take_evicted(ems_pool_t *pool, uint8_t *out_keys, uint64_t *out_lengths,
+                               uint8_t *buf, uint64_t buf_len, uint64_t max_blocks);
+
+/* Sets the SPILLED flag on each present key of keys[0..n): the block is already in the
+ * spill tier, so evicting it copies nothing into the ring. A later put of the same key
+ * stores a new block without the flag. Returns how many keys were present, or -EPERM. */
+int64_t ems_pool_mark_spilled(ems_pool_t *pool, const uint8_t *keys, uint64_t n);
+
 /* ---- reads (owner and attached) ------------------------------------------------- */
 
 /* Length of the block under `key`, or -ENOENT. */
@@ -174,6 +206,9 @@ typedef struct ems_pool_stats {
     uint64_t bytes_used, bytes_free, bytes_wasted, metadata_bytes;
     uint64_t hits, misses, puts, put_exists, evictions, deletes, slab_moves, pool_full;
     uint64_t reader_hits, reader_misses, reader_retries; /* this attached handle's own */
+    /* Owner only (0 when attached): blocks copied into the spill ring, evicted blocks lost
+     * (no room, or discarded by a resize or disable), ring size and bytes held now. */
+    uint64_t spill_captured, spill_dropped, spill_ring_bytes, spill_ring_used;
     uint32_t page_kind, nclasses_used;
 } ems_pool_stats_t;
 

@@ -274,6 +274,12 @@ int ems_pool_stats(ems_pool_t *pool, ems_pool_stats_t *stats, ems_class_stats_t 
     stats->slab_moves = LOAD_COUNTER(pool, slab_moves);
     stats->pool_full = LOAD_COUNTER(pool, pool_full);
     if (pool->owner) {
+        pthread_mutex_lock(&pool->spill.lock);
+        stats->spill_captured = pool->spill.captured;
+        stats->spill_dropped = pool->spill.dropped;
+        stats->spill_ring_bytes = pool->spill.size;
+        stats->spill_ring_used = pool->spill.used;
+        pthread_mutex_unlock(&pool->spill.lock);
         pthread_mutex_unlock(&pool->lock);
     } else {
         stats->reader_hits = atomic_load_explicit(&pool->local_hits, memory_order_relaxed);

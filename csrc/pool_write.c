@@ -1,4 +1,5 @@
-/* Pool writes: two-phase put, delete, priority hints and CLOCK eviction with slab moves.
+/* Pool writes: two-phase put, delete, priority and SPILLED hints, and CLOCK eviction with
+ * slab moves, which copies each victim into the spill ring when one is set.
  *
  * Every function here that changes metadata holds pool->lock, so writers are serialized
  * and see a consistent allocator. Readers run concurrently without the lock. Three rules
@@ -83,7 +84,9 @@ void ems_block_free(ems_pool_t *pool, uint32_t id)
     layout->used_entries--;
 }
 
-/* Evicts committed, unpinned entry `id`. Returns 1, or 0 when a reader pinned it first or
+/* Evicts committed, unpinned entry `id`, first copying it into the spill ring when one is
+ * set and the block is not marked SPILLED. Every eviction path (CLOCK victims, slab moves,
+ * full index buckets) comes through here. Returns 1, or 0 when a reader pinned it first or
  * it is no longer committed. */
 static int evict_entry(ems_pool_t *pool, uint32_t id)
 {
@@ -95,6 +98,12 @@ static int evict_entry(ems_pool_t *pool, uint32_t id)
     } while (!atomic_compare_exchange_weak_explicit(
         &e->flags, &f, (f & ~(uint32_t)EMS_STATE_MASK) | EMS_ENTRY_FREEING,
         memory_order_acquire, memory_order_relaxed));
+
+    /* FREEING cannot be pinned and the slot is freed only below, so the payload is stable.
+     * The successful CAS left the flags as they were in f, SPILLED included. */
+    if (pool->spill.buf != NULL && !(f & EMS_FLAG_SPILLED))
+        ems_spill_ring_push(&pool->spill, e->key,
+                            ems_block_ptr(pool, e->slab, e->slot, e->length), e->length);
 
     ems_index_remove(&pool->index, e->key, id);
     pool->slabs.classes[ems_slab_class_of(e->length)].evictions++;
@@ -431,6 +440,27 @@ int64_t ems_pool_protect(ems_pool_t *pool, const uint8_t *keys, uint64_t n, int 
         else
             atomic_fetch_and_explicit(&e->flags, ~(uint32_t)EMS_FLAG_PROTECT,
                                       memory_order_relaxed);
+        present++;
+    }
+    pthread_mutex_unlock(&pool->lock);
+    return present;
+}
+
+int64_t ems_pool_mark_spilled(ems_pool_t *pool, const uint8_t *keys, uint64_t n)
+{
+    if (!pool->owner)
+        return -EPERM;
+
+    /* Under the mutex, so the flag lands only on the block the index holds now, never on
+     * an entry that an eviction is freeing or that a new block reuses. */
+    int64_t present = 0;
+    pthread_mutex_lock(&pool->lock);
+    for (uint64_t i = 0; i < n; i++) {
+        uint64_t word;
+        if (ems_index_lookup(&pool->index, keys + i * EMS_KEY_BYTES, &word) != 1)
+            continue;
+        ems_entry_t *e = &pool->entries[EMS_SLOT_ENTRY(word) - 1];
+        atomic_fetch_or_explicit(&e->flags, EMS_FLAG_SPILLED, memory_order_relaxed);
         present++;
     }
     pthread_mutex_unlock(&pool->lock);

@@ -2,9 +2,10 @@
 
 Each test program is compiled together with every csrc/*.c file and run once per
 variant: plain, AddressSanitizer + UndefinedBehaviorSanitizer, and, for the
-multi-threaded stress programs, ThreadSanitizer. A program passes when it exits 0; its
-output is shown on failure. The hugetlb tests change vm.nr_hugepages and so need root;
-they restore the old value afterwards.
+multi-threaded stress programs and test_pool's multi-threaded spill ring test,
+ThreadSanitizer. A program passes when it exits 0; its output is shown on failure. The
+hugetlb tests change vm.nr_hugepages and so need root; they restore the old value
+afterwards.
 """
 
 import os
@@ -53,6 +54,7 @@ CASES = [
     ("test_index_stress", "tsan", ["400000"]),
     ("test_pool", "plain", []),
     ("test_pool", "asan", []),
+    ("test_pool", "tsan", ["spill"]),  # only the multi-threaded spill ring test
     ("test_pool_stress", "plain", ["200000"]),
     ("test_pool_stress", "asan", ["50000"]),
     ("test_pool_stress", "tsan", ["20000"]),

@@ -1,7 +1,9 @@
-/* Unit tests for the pool (csrc/pool.c, pool_read.c, pool_write.c): configuration and
- * sizing, put/get/delete, two-phase reservations, eviction, pinning, protection,
- * read-only attach (in-process and from a forked child), batches and statistics.
- * Single-threaded; the multi-threaded case is in test_pool_stress.c.
+/* Unit tests for the pool (csrc/pool.c, pool_read.c, pool_write.c, spill_ring.c):
+ * configuration and sizing, put/get/delete, two-phase reservations, eviction, pinning,
+ * protection, read-only attach (in-process and from a forked child), batches, statistics
+ * and the spill ring. Single-threaded except test_spill_ring_concurrent_take, which
+ * `test_pool spill` runs alone (for ThreadSanitizer); the multi-threaded stress of the
+ * pool is in test_pool_stress.c.
  *
  * Block contents are a function of the key id (test_fill_payload), so every hit is
  * compared byte for byte with what was stored under that key.
@@ -9,6 +11,8 @@
 #define _GNU_SOURCE
 
 #include <errno.h>
+#include <pthread.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -985,8 +989,739 @@ static void test_stats_counters(void)
     ems_pool_close(&pool);
 }
 
-int main(void)
+/* ---- spill ring -------------------------------------------------------------------- */
+
+/* Evictions seen by a spill test: after each put, every tracked block that is gone was
+ * evicted by that put. `evicted` lists ids in eviction order, and `length` is indexed by id. */
+typedef struct eviction_log {
+    uint64_t *present, npresent;
+    uint64_t *evicted, nevicted;
+    uint64_t *length;
+    uint64_t max_ids;
+} eviction_log_t;
+
+static void log_init(eviction_log_t *log, uint64_t max_ids)
 {
+    memset(log, 0, sizeof *log);
+    log->present = calloc(max_ids, sizeof(uint64_t));
+    log->evicted = calloc(max_ids, sizeof(uint64_t));
+    log->length = calloc(max_ids, sizeof(uint64_t));
+    CHECK(log->present != NULL);
+    CHECK(log->evicted != NULL);
+    CHECK(log->length != NULL);
+    log->max_ids = max_ids;
+}
+
+static void log_free(eviction_log_t *log)
+{
+    free(log->present);
+    free(log->evicted);
+    free(log->length);
+}
+
+/* Drops `id` from the tracked blocks without logging an eviction (a delete). */
+static void log_forget(eviction_log_t *log, uint64_t id)
+{
+    for (uint64_t i = 0; i < log->npresent; i++) {
+        if (log->present[i] == id) {
+            log->present[i] = log->present[--log->npresent];
+            return;
+        }
+    }
+    CHECK(0);
+}
+
+/* Puts block `id` and logs what the put evicted. Returns how many blocks it evicted. */
+static uint64_t put_tracked(ems_pool_t *pool, eviction_log_t *log, uint64_t id, uint64_t len)
+{
+    CHECK(id < log->max_ids);
+    put_block(pool, id, len);
+    log->length[id] = len;
+
+    uint64_t evicted = 0, i = 0;
+    while (i < log->npresent) {
+        uint64_t other = log->present[i];
+        if (block_exists(pool, other)) {
+            i++;
+            continue;
+        }
+        log->evicted[log->nevicted++] = other;
+        log->present[i] = log->present[--log->npresent];
+        evicted++;
+    }
+    log->present[log->npresent++] = id;
+    return evicted;
+}
+
+/* Checks that a record taken from the ring is block `id`, byte for byte. */
+static void check_record(const eviction_log_t *log, uint64_t id, const uint8_t *key,
+                         uint64_t length, const uint8_t *payload)
+{
+    uint8_t expected_key[EMS_KEY_BYTES];
+    key_of(expected_key, id);
+    CHECK(memcmp(key, expected_key, EMS_KEY_BYTES) == 0);
+    CHECK_EQ(length, log->length[id]);
+    uint8_t *expected = malloc(length);
+    CHECK(expected != NULL);
+    test_fill_payload(expected, length, id);
+    CHECK(memcmp(payload, expected, length) == 0);
+    free(expected);
+}
+
+/* Buffers for ems_pool_take_evicted: room for `max` keys and lengths and `bytes` of
+ * payload. */
+typedef struct take_buffers {
+    uint8_t *keys;
+    uint64_t *lengths;
+    uint8_t *data;
+    uint64_t max, bytes;
+} take_buffers_t;
+
+static void take_init(take_buffers_t *t, uint64_t max, uint64_t bytes)
+{
+    t->keys = malloc(max * EMS_KEY_BYTES);
+    t->lengths = malloc(max * sizeof(uint64_t));
+    t->data = malloc(bytes);
+    CHECK(t->keys != NULL);
+    CHECK(t->lengths != NULL);
+    CHECK(t->data != NULL);
+    t->max = max;
+    t->bytes = bytes;
+}
+
+static void take_free(take_buffers_t *t)
+{
+    free(t->keys);
+    free(t->lengths);
+    free(t->data);
+}
+
+/* Takes every held record and checks it against log->evicted[first..], in order.
+ * Returns how many it took. */
+static uint64_t take_in_order(ems_pool_t *pool, const eviction_log_t *log, uint64_t first,
+                              take_buffers_t *t)
+{
+    uint64_t n = ems_pool_take_evicted(pool, t->keys, t->lengths, t->data, t->bytes, t->max);
+    uint64_t offset = 0;
+    for (uint64_t i = 0; i < n; i++) {
+        CHECK(first + i < log->nevicted);
+        check_record(log, log->evicted[first + i], t->keys + i * EMS_KEY_BYTES, t->lengths[i],
+                     t->data + offset);
+        offset += t->lengths[i];
+    }
+    return n;
+}
+
+/* Sum of the record sizes of log->evicted[first..first + n). */
+static uint64_t record_bytes_of(const eviction_log_t *log, uint64_t first, uint64_t n)
+{
+    uint64_t bytes = 0;
+    for (uint64_t i = first; i < first + n; i++) {
+        bytes += ems_spill_record_bytes(log->length[log->evicted[i]]);
+    }
+    return bytes;
+}
+
+/* A length in size class 63 (4033..4096 bytes, 4096-byte slots): 16 blocks per slab, so
+ * each put into a full pool evicts exactly one block, while record sizes still vary. */
+static uint64_t class63_length(uint64_t id)
+{
+    uint64_t state = id * 0x2545f4914f6cdd1dULL;
+    return 4033 + test_next_random(&state) % 64;
+}
+
+static void test_spill_ring_arguments(void)
+{
+    ems_pool_t pool;
+    pool_open(&pool, 4 * SLAB, SLAB, 256);
+    uint64_t min_bytes = ems_pool_max_block(&pool) + EMS_SPILL_RECORD_HEADER;
+    CHECK_EQ(ems_spill_record_bytes(SLAB), min_bytes);
+    CHECK_EQ(ems_pool_set_spill_ring(&pool, min_bytes - 1), -EINVAL);
+    CHECK_EQ(ems_pool_set_spill_ring(&pool, 1), -EINVAL);
+    CHECK_EQ(ems_pool_set_spill_ring(&pool, 0), 0);
+    CHECK_EQ(ems_pool_set_spill_ring(&pool, min_bytes), 0);
+    CHECK_EQ(ems_pool_set_spill_ring(&pool, min_bytes), 0);
+
+    ems_pool_stats_t stats;
+    pool_stats(&pool, &stats);
+    CHECK_EQ(stats.spill_ring_bytes, min_bytes);
+    CHECK_EQ(stats.spill_ring_used, 0);
+    CHECK_EQ(stats.spill_captured, 0);
+    CHECK_EQ(stats.spill_dropped, 0);
+
+    /* An empty ring, or no room for a record at all, gives 0 and changes nothing. */
+    uint8_t keys[4 * EMS_KEY_BYTES], data[8];
+    uint64_t lengths[4];
+    CHECK_EQ(ems_pool_take_evicted(&pool, keys, lengths, data, sizeof data, 4), 0);
+    CHECK_EQ(ems_pool_take_evicted(&pool, keys, lengths, data, sizeof data, 0), 0);
+
+    /* An attached handle can neither set, drain nor mark. */
+    ems_pool_t reader;
+    CHECK_EQ(ems_pool_attach(&reader, pool.arena.fd), 0);
+    CHECK_EQ(ems_pool_set_spill_ring(&reader, min_bytes), -EPERM);
+    CHECK_EQ(ems_pool_set_spill_ring(&reader, 0), -EPERM);
+    CHECK_EQ(ems_pool_take_evicted(&reader, keys, lengths, data, sizeof data, 4), 0);
+    key_of(keys, 1);
+    CHECK_EQ(ems_pool_mark_spilled(&reader, keys, 1), -EPERM);
+    pool_stats(&reader, &stats);
+    CHECK_EQ(stats.spill_ring_bytes, 0);
+    ems_pool_close(&reader);
+
+    CHECK_EQ(ems_pool_mark_spilled(&pool, keys, 1), 0);
+    ems_pool_close(&pool);
+}
+
+/* Every evicted block reaches the ring, in eviction order and byte for byte. */
+static void test_spill_ring_captures_in_order(void)
+{
+    ems_pool_t pool;
+    pool_open(&pool, 4 * SLAB, SLAB, 256);
+    CHECK_EQ(ems_pool_set_spill_ring(&pool, 1 * MIB), 0);
+    eviction_log_t log;
+    log_init(&log, 200);
+    for (uint64_t id = 0; id < 200; id++) {
+        CHECK(put_tracked(&pool, &log, id, class63_length(id)) <= 1);
+    }
+    CHECK_EQ(log.nevicted, 200 - 64);
+
+    ems_pool_stats_t stats;
+    pool_stats(&pool, &stats);
+    CHECK_EQ(stats.evictions, log.nevicted);
+    CHECK_EQ(stats.spill_captured, log.nevicted);
+    CHECK_EQ(stats.spill_dropped, 0);
+    CHECK_EQ(stats.spill_ring_bytes, 1 * MIB);
+    CHECK_EQ(stats.spill_ring_used, record_bytes_of(&log, 0, log.nevicted));
+
+    /* A buffer one byte short of the oldest payload takes nothing and loses nothing. */
+    take_buffers_t t;
+    take_init(&t, log.nevicted + 8, log.nevicted * 4096);
+    uint64_t first_length = log.length[log.evicted[0]];
+    CHECK_EQ(ems_pool_take_evicted(&pool, t.keys, t.lengths, t.data, first_length - 1, 8), 0);
+    CHECK_EQ(ems_pool_take_evicted(&pool, t.keys, t.lengths, t.data, t.bytes, 0), 0);
+    pool_stats(&pool, &stats);
+    CHECK_EQ(stats.spill_ring_used, record_bytes_of(&log, 0, log.nevicted));
+
+    /* Exactly the oldest payload fits: one record. */
+    uint64_t saved_bytes = t.bytes;
+    t.bytes = first_length;
+    CHECK_EQ(take_in_order(&pool, &log, 0, &t), 1);
+    t.bytes = saved_bytes;
+
+    /* The rest in one call, the consecutive payloads filling the buffer from offset 0. */
+    CHECK_EQ(take_in_order(&pool, &log, 1, &t), log.nevicted - 1);
+    pool_stats(&pool, &stats);
+    CHECK_EQ(stats.spill_ring_used, 0);
+    CHECK_EQ(stats.spill_captured, log.nevicted);
+    CHECK_EQ(ems_pool_take_evicted(&pool, t.keys, t.lengths, t.data, t.bytes, t.max), 0);
+
+    /* Present blocks are untouched by the capture. */
+    for (uint64_t i = 0; i < log.npresent; i++) {
+        uint64_t id = log.present[i];
+        CHECK_EQ(get_block(&pool, id, log.length[id]), 1);
+    }
+    check_stats_consistent(&pool);
+    take_free(&t);
+    log_free(&log);
+    ems_pool_close(&pool);
+}
+
+/* Deleted blocks (pinned or not) and blocks marked SPILLED are freed without a copy. A
+ * later put of a spilled key stores a block that is captured again. */
+static void test_spill_ring_skips_deleted_and_spilled(void)
+{
+    ems_pool_t pool;
+    pool_open(&pool, 4 * SLAB, SLAB, 256);
+    CHECK_EQ(ems_pool_set_spill_ring(&pool, 2 * MIB), 0);
+    eviction_log_t log;
+    log_init(&log, 400);
+    for (uint64_t id = 0; id < 64; id++) {
+        CHECK_EQ(put_tracked(&pool, &log, id, 4000), 0);
+    }
+
+    /* Delete 0..3, and 4 while it is pinned: the last unpin frees it. */
+    uint8_t key[EMS_KEY_BYTES];
+    for (uint64_t id = 0; id < 4; id++) {
+        key_of(key, id);
+        CHECK_EQ(ems_pool_delete(&pool, key), 0);
+        log_forget(&log, id);
+    }
+    const uint8_t *data;
+    uint32_t pin;
+    key_of(key, 4);
+    CHECK_EQ(ems_pool_pin(&pool, key, 4000, &data, &pin), 4000);
+    CHECK_EQ(ems_pool_delete(&pool, key), 0);
+    ems_pool_unpin(&pool, pin);
+    log_forget(&log, 4);
+
+    /* Mark 5..9 and one absent key. */
+    uint8_t marks[6 * EMS_KEY_BYTES];
+    for (uint64_t i = 0; i < 5; i++) {
+        key_of(marks + i * EMS_KEY_BYTES, 5 + i);
+    }
+    key_of(marks + 5 * EMS_KEY_BYTES, 9999);
+    CHECK_EQ(ems_pool_mark_spilled(&pool, marks, 6), 5);
+
+    ems_pool_stats_t stats;
+    pool_stats(&pool, &stats);
+    CHECK_EQ(stats.deletes, 5);
+    CHECK_EQ(stats.spill_captured, 0);
+
+    /* Evict every old block. */
+    for (uint64_t id = 64; id < 200; id++) {
+        CHECK(put_tracked(&pool, &log, id, 4000) <= 1);
+    }
+    for (uint64_t id = 0; id < 64; id++) {
+        CHECK_EQ(block_exists(&pool, id), 0);
+    }
+
+    /* The ring holds the evictions in order, less the marked blocks. */
+    take_buffers_t t;
+    take_init(&t, 400, 400 * 4096);
+    uint64_t n = ems_pool_take_evicted(&pool, t.keys, t.lengths, t.data, t.bytes, t.max);
+    uint64_t next = 0, offset = 0, skipped = 0;
+    for (uint64_t i = 0; i < log.nevicted; i++) {
+        uint64_t id = log.evicted[i];
+        CHECK(id >= 5);
+        if (id <= 9) {
+            skipped++;
+            continue;
+        }
+        CHECK(next < n);
+        check_record(&log, id, t.keys + next * EMS_KEY_BYTES, t.lengths[next],
+                     t.data + offset);
+        offset += t.lengths[next];
+        next++;
+    }
+    CHECK_EQ(skipped, 5);
+    CHECK_EQ(next, n);
+    pool_stats(&pool, &stats);
+    CHECK_EQ(stats.evictions, log.nevicted);
+    CHECK_EQ(stats.spill_captured, log.nevicted - 5);
+    CHECK_EQ(stats.spill_dropped, 0);
+
+    /* Block 5 stored again is a new block without the mark. */
+    uint64_t first = log.nevicted;
+    CHECK(put_tracked(&pool, &log, 5, 4000) <= 1);
+    for (uint64_t id = 200; id < 300 && block_exists(&pool, 5); id++) {
+        CHECK(put_tracked(&pool, &log, id, 4000) <= 1);
+    }
+    CHECK_EQ(block_exists(&pool, 5), 0);
+    CHECK_EQ(take_in_order(&pool, &log, first, &t), log.nevicted - first);
+    CHECK_EQ(log.evicted[log.nevicted - 1], 5);
+    take_free(&t);
+    log_free(&log);
+    ems_pool_close(&pool);
+}
+
+/* A full ring drops new blocks and counts them, while the pool and the held records stay
+ * intact. Closing with records held frees them (ASan checks for the leak). */
+static void test_spill_ring_drops_when_full(void)
+{
+    ems_pool_t pool;
+    pool_open(&pool, 4 * SLAB, SLAB, 256);
+    /* The smallest ring: 65576 bytes hold 16 records of 4040 bytes (4000 + header). */
+    uint64_t ring_bytes = ems_spill_record_bytes(SLAB);
+    CHECK_EQ(ems_spill_record_bytes(4000), 4040);
+    CHECK_EQ(ems_pool_set_spill_ring(&pool, ring_bytes), 0);
+    eviction_log_t log;
+    log_init(&log, 300);
+    for (uint64_t id = 0; id < 114; id++) {
+        CHECK(put_tracked(&pool, &log, id, 4000) <= 1);
+    }
+    CHECK_EQ(log.nevicted, 50);
+
+    ems_pool_stats_t stats;
+    pool_stats(&pool, &stats);
+    CHECK_EQ(stats.spill_captured, 16);
+    CHECK_EQ(stats.spill_dropped, 34);
+    CHECK_EQ(stats.evictions, 50);
+    CHECK_EQ(stats.spill_ring_used, 16 * 4040);
+    for (uint64_t i = 0; i < log.npresent; i++) {
+        uint64_t id = log.present[i];
+        CHECK_EQ(get_block(&pool, id, 4000), 1);
+    }
+    check_stats_consistent(&pool);
+
+    /* The 16 held records are the oldest evictions. */
+    take_buffers_t t;
+    take_init(&t, 64, 64 * 4096);
+    CHECK_EQ(take_in_order(&pool, &log, 0, &t), 16);
+
+    /* With room again, evictions are captured again. */
+    uint64_t first = log.nevicted;
+    for (uint64_t id = 114; id < 119; id++) {
+        CHECK_EQ(put_tracked(&pool, &log, id, 4000), 1);
+    }
+    CHECK_EQ(take_in_order(&pool, &log, first, &t), 5);
+    pool_stats(&pool, &stats);
+    CHECK_EQ(stats.spill_captured, 21);
+    CHECK_EQ(stats.spill_dropped, 34);
+
+    /* Fill it again and close without draining. */
+    for (uint64_t id = 119; id < 139; id++) {
+        CHECK_EQ(put_tracked(&pool, &log, id, 4000), 1);
+    }
+    pool_stats(&pool, &stats);
+    CHECK_EQ(stats.spill_captured, 37);
+    CHECK_EQ(stats.spill_dropped, 38);
+    take_free(&t);
+    log_free(&log);
+    ems_pool_close(&pool);
+}
+
+/* Resizing moves held records oldest first and drops the newest that do not fit.
+ * Disabling drops them all and stops capture. */
+static void test_spill_ring_resize_moves_records(void)
+{
+    ems_pool_t pool;
+    pool_open(&pool, 4 * SLAB, SLAB, 256);
+    CHECK_EQ(ems_pool_set_spill_ring(&pool, 1 * MIB), 0);
+    eviction_log_t log;
+    log_init(&log, 300);
+    for (uint64_t id = 0; id < 104; id++) {
+        put_tracked(&pool, &log, id, 4000);
+    }
+    CHECK_EQ(log.nevicted, 40);
+
+    ems_pool_stats_t stats;
+    CHECK_EQ(ems_pool_set_spill_ring(&pool, 2 * MIB), 0);
+    pool_stats(&pool, &stats);
+    CHECK_EQ(stats.spill_ring_bytes, 2 * MIB);
+    CHECK_EQ(stats.spill_ring_used, 40 * 4040);
+    CHECK_EQ(stats.spill_dropped, 0);
+
+    CHECK_EQ(ems_pool_set_spill_ring(&pool, ems_spill_record_bytes(SLAB)), 0);
+    pool_stats(&pool, &stats);
+    CHECK_EQ(stats.spill_ring_used, 16 * 4040);
+    CHECK_EQ(stats.spill_dropped, 24);
+
+    take_buffers_t t;
+    take_init(&t, 4, 4 * 4096);
+    CHECK_EQ(take_in_order(&pool, &log, 0, &t), 4);
+
+    /* Disabling drops the 12 still held, and evictions then copy nothing. */
+    CHECK_EQ(ems_pool_set_spill_ring(&pool, 0), 0);
+    pool_stats(&pool, &stats);
+    CHECK_EQ(stats.spill_ring_bytes, 0);
+    CHECK_EQ(stats.spill_ring_used, 0);
+    CHECK_EQ(stats.spill_dropped, 36);
+    CHECK_EQ(stats.spill_captured, 40);
+    CHECK_EQ(ems_pool_take_evicted(&pool, t.keys, t.lengths, t.data, t.bytes, t.max), 0);
+    for (uint64_t id = 104; id < 114; id++) {
+        put_tracked(&pool, &log, id, 4000);
+    }
+    pool_stats(&pool, &stats);
+    CHECK_EQ(stats.evictions, 50);
+    CHECK_EQ(stats.spill_captured, 40);
+    CHECK_EQ(stats.spill_dropped, 36);
+
+    /* Enabled again, it captures from the next eviction on. */
+    CHECK_EQ(ems_pool_set_spill_ring(&pool, 1 * MIB), 0);
+    uint64_t first = log.nevicted;
+    put_tracked(&pool, &log, 114, 4000);
+    CHECK_EQ(take_in_order(&pool, &log, first, &t), 1);
+    take_free(&t);
+    log_free(&log);
+    ems_pool_close(&pool);
+}
+
+/* Wrap-around at exact offsets: a ring of 17 records of 4040 bytes plus a gap of `gap`
+ * bytes. A gap of 0 wraps with no padding, a gap shorter than a record header with
+ * unmarked padding, and a longer gap with a wrap marker. */
+static void check_wrap_gap(uint64_t gap)
+{
+    ems_pool_t pool;
+    pool_open(&pool, 4 * SLAB, SLAB, 256);
+    uint64_t ring_bytes = 17 * 4040 + gap;
+    CHECK_EQ(ems_pool_set_spill_ring(&pool, ring_bytes), 0);
+    eviction_log_t log;
+    log_init(&log, 200);
+    take_buffers_t t;
+    take_init(&t, 32, 32 * 4096);
+
+    /* 17 evictions fill the ring up to the gap, so the 18th (index 17) is dropped. */
+    for (uint64_t id = 0; id < 64 + 18; id++) {
+        put_tracked(&pool, &log, id, 4000);
+    }
+    CHECK_EQ(log.nevicted, 18);
+    ems_pool_stats_t stats;
+    pool_stats(&pool, &stats);
+    CHECK_EQ(stats.spill_ring_used, 17 * 4040);
+    CHECK_EQ(stats.spill_dropped, 1);
+
+    /* Taking two frees the start. The next two records wrap to offset 0 and pad the gap,
+     * which fills the ring exactly, so the one after (index 20) is dropped. */
+    t.max = 2;
+    CHECK_EQ(take_in_order(&pool, &log, 0, &t), 2);
+    t.max = 32;
+    for (uint64_t id = 64 + 18; id < 64 + 21; id++) {
+        CHECK_EQ(put_tracked(&pool, &log, id, 4000), 1);
+    }
+    pool_stats(&pool, &stats);
+    CHECK_EQ(stats.spill_ring_used, ring_bytes);
+    CHECK_EQ(stats.spill_captured, 19);
+    CHECK_EQ(stats.spill_dropped, 2);
+
+    /* The reader skips the padding: 2..16, then 18 and 19. */
+    t.max = 15;
+    CHECK_EQ(take_in_order(&pool, &log, 2, &t), 15);
+    t.max = 32;
+    uint64_t n = ems_pool_take_evicted(&pool, t.keys, t.lengths, t.data, t.bytes, t.max);
+    CHECK_EQ(n, 2);
+    check_record(&log, log.evicted[18], t.keys, t.lengths[0], t.data);
+    check_record(&log, log.evicted[19], t.keys + EMS_KEY_BYTES, t.lengths[1], t.data + 4000);
+    pool_stats(&pool, &stats);
+    CHECK_EQ(stats.spill_ring_used, 0);
+    take_free(&t);
+    log_free(&log);
+    ems_pool_close(&pool);
+}
+
+static void test_spill_ring_wrap_gaps(void)
+{
+    CHECK_EQ(17 * 4040, 68680);
+    CHECK(17 * 4040 >= ems_spill_record_bytes(SLAB));
+    check_wrap_gap(0);
+    check_wrap_gap(16);
+    check_wrap_gap(EMS_SPILL_RECORD_HEADER - 1);
+    check_wrap_gap(EMS_SPILL_RECORD_HEADER);
+    check_wrap_gap(100);
+    check_wrap_gap(4039);
+}
+
+/* Many evict and take cycles with random take sizes keep a small ring partly full, so
+ * records wrap around its end (its size is not a multiple of the record alignment) and
+ * some are dropped. What is taken must be a subsequence of the evictions, exact to the
+ * byte, and taken + dropped must account for every eviction. */
+static void test_spill_ring_wraps_across_cycles(void)
+{
+    ems_pool_t pool;
+    pool_open(&pool, 4 * SLAB, SLAB, 256);
+    uint64_t ring_bytes = ems_spill_record_bytes(SLAB) + 1234;
+    CHECK_EQ(ems_pool_set_spill_ring(&pool, ring_bytes), 0);
+    const uint64_t n = 3000;
+    eviction_log_t log;
+    log_init(&log, n);
+    take_buffers_t t;
+    take_init(&t, 64, 64 * 4096);
+
+    uint64_t state = 0x5711, cursor = 0, taken = 0, passed_bytes = 0;
+    for (uint64_t id = 0; id <= n; id++) {
+        if (id < n)
+            CHECK(put_tracked(&pool, &log, id, class63_length(id)) <= 1);
+
+        /* Take 0 to 2 records into a buffer that fits them, or into a random smaller one.
+         * Takes then fall a little behind the one eviction per put, so the ring fills up at
+         * times. After the last put, drain everything. */
+        uint64_t r = test_next_random(&state);
+        uint64_t max = id < n ? r % 3 : t.max;
+        uint64_t bytes = id < n && (r >> 8) % 3 == 0 ? (r >> 16) % (3 * 4096) : t.bytes;
+        uint64_t got;
+        do {
+            got = ems_pool_take_evicted(&pool, t.keys, t.lengths, t.data, bytes, max);
+            CHECK(got <= max);
+            uint64_t offset = 0;
+            for (uint64_t i = 0; i < got; i++) {
+                uint8_t key[EMS_KEY_BYTES];
+                while (cursor < log.nevicted) {
+                    key_of(key, log.evicted[cursor]);
+                    if (memcmp(key, t.keys + i * EMS_KEY_BYTES, EMS_KEY_BYTES) == 0)
+                        break;
+                    cursor++;
+                }
+                CHECK(cursor < log.nevicted);
+                check_record(&log, log.evicted[cursor], t.keys + i * EMS_KEY_BYTES,
+                             t.lengths[i], t.data + offset);
+                offset += t.lengths[i];
+                passed_bytes += ems_spill_record_bytes(t.lengths[i]);
+                cursor++;
+                taken++;
+            }
+            CHECK(offset <= bytes);
+        } while (id == n && got != 0);
+    }
+
+    ems_pool_stats_t stats;
+    pool_stats(&pool, &stats);
+    fprintf(stderr, "%llu evictions, %llu taken, %llu dropped, %llu ring bytes passed\n",
+            (unsigned long long)stats.evictions, (unsigned long long)taken,
+            (unsigned long long)stats.spill_dropped, (unsigned long long)passed_bytes);
+    CHECK_EQ(stats.evictions, log.nevicted);
+    CHECK_EQ(stats.spill_captured, taken);
+    CHECK_EQ(stats.spill_captured + stats.spill_dropped, stats.evictions);
+    CHECK_EQ(stats.spill_ring_used, 0);
+    CHECK(stats.spill_dropped > 0);
+    CHECK(passed_bytes > 20 * ring_bytes);
+    check_stats_consistent(&pool);
+    take_free(&t);
+    log_free(&log);
+    ems_pool_close(&pool);
+}
+
+/* Mixed block sizes make slabs move between classes, and the blocks a move evicts are
+ * captured too. The ring is drained after every put, and each drain must return
+ * exactly the blocks that put evicted (a slab move evicts them in entry order). */
+static void test_spill_ring_captures_slab_moves(void)
+{
+    ems_pool_t pool;
+    pool_open(&pool, 16 * SLAB, SLAB, 512);
+    CHECK_EQ(ems_pool_set_spill_ring(&pool, 4 * SLAB), 0);
+    const uint64_t n = 1200;
+    eviction_log_t log;
+    log_init(&log, n);
+    take_buffers_t t;
+    take_init(&t, 512, 4 * SLAB);
+    uint8_t *seen = calloc(n, 1);
+    CHECK(seen != NULL);
+
+    for (uint64_t id = 0; id < n; id++) {
+        uint64_t first = log.nevicted;
+        uint64_t evicted = put_tracked(&pool, &log, id, mixed_length(id));
+        uint64_t got = ems_pool_take_evicted(&pool, t.keys, t.lengths, t.data, t.bytes, t.max);
+        CHECK_EQ(got, evicted);
+
+        /* Each record is one of this put's evictions, each taken once. */
+        uint64_t offset = 0;
+        for (uint64_t i = 0; i < got; i++) {
+            uint64_t match = UINT64_MAX;
+            for (uint64_t j = first; j < log.nevicted; j++) {
+                uint8_t key[EMS_KEY_BYTES];
+                key_of(key, log.evicted[j]);
+                if (memcmp(key, t.keys + i * EMS_KEY_BYTES, EMS_KEY_BYTES) == 0)
+                    match = log.evicted[j];
+            }
+            CHECK(match != UINT64_MAX);
+            CHECK_EQ(seen[match], 0);
+            seen[match] = 1;
+            check_record(&log, match, t.keys + i * EMS_KEY_BYTES, t.lengths[i],
+                         t.data + offset);
+            offset += t.lengths[i];
+        }
+    }
+
+    ems_pool_stats_t stats;
+    pool_stats(&pool, &stats);
+    fprintf(stderr, "%llu evictions, %llu slab moves\n", (unsigned long long)stats.evictions,
+            (unsigned long long)stats.slab_moves);
+    CHECK(stats.slab_moves > 0);
+    CHECK_EQ(stats.evictions, log.nevicted);
+    CHECK_EQ(stats.spill_captured, log.nevicted);
+    CHECK_EQ(stats.spill_dropped, 0);
+    check_stats_consistent(&pool);
+    free(seen);
+    take_free(&t);
+    log_free(&log);
+    ems_pool_close(&pool);
+}
+
+/* One thread puts into a pool that evicts on every put while another drains the ring
+ * (and reads the statistics, which take the pool mutex, then the ring lock). Keys carry
+ * their id in the first 8 bytes, so the taker can check each record without a lookup.
+ * Under TSan this checks the locking between eviction and take. */
+enum { RACE_BLOCKS = 3000, RACE_TAKE = 16 };
+
+typedef struct spill_race {
+    ems_pool_t pool;
+    _Atomic int writer_done;
+    uint64_t taken;
+} spill_race_t;
+
+static void race_key(uint8_t key[EMS_KEY_BYTES], uint64_t id)
+{
+    memset(key, 0x5a, EMS_KEY_BYTES);
+    memcpy(key, &id, sizeof id);
+}
+
+static void *race_writer(void *arg)
+{
+    spill_race_t *race = arg;
+    uint8_t key[EMS_KEY_BYTES], buf[4096];
+    for (uint64_t id = 0; id < RACE_BLOCKS; id++) {
+        uint64_t len = class63_length(id);
+        race_key(key, id);
+        test_fill_payload(buf, len, id);
+        CHECK_EQ(ems_pool_put(&race->pool, key, buf, len), 0);
+    }
+    atomic_store_explicit(&race->writer_done, 1, memory_order_release);
+    return NULL;
+}
+
+static void *race_taker(void *arg)
+{
+    spill_race_t *race = arg;
+    uint8_t *seen = calloc(RACE_BLOCKS, 1);
+    uint8_t keys[RACE_TAKE * EMS_KEY_BYTES], expected_key[EMS_KEY_BYTES], expected[4096];
+    uint64_t lengths[RACE_TAKE];
+    uint8_t *data = malloc(RACE_TAKE * 4096);
+    CHECK(seen != NULL);
+    CHECK(data != NULL);
+
+    for (uint64_t round = 0;; round++) {
+        int done = atomic_load_explicit(&race->writer_done, memory_order_acquire);
+        uint64_t got = ems_pool_take_evicted(&race->pool, keys, lengths, data,
+                                             RACE_TAKE * 4096, RACE_TAKE);
+        uint64_t offset = 0;
+        for (uint64_t i = 0; i < got; i++) {
+            uint64_t id;
+            memcpy(&id, keys + i * EMS_KEY_BYTES, sizeof id);
+            CHECK(id < RACE_BLOCKS);
+            race_key(expected_key, id);
+            CHECK(memcmp(keys + i * EMS_KEY_BYTES, expected_key, EMS_KEY_BYTES) == 0);
+            CHECK_EQ(seen[id], 0);
+            seen[id] = 1;
+            CHECK_EQ(lengths[i], class63_length(id));
+            test_fill_payload(expected, lengths[i], id);
+            CHECK(memcmp(data + offset, expected, lengths[i]) == 0);
+            offset += lengths[i];
+        }
+        race->taken += got;
+        if (round % 64 == 0) {
+            ems_pool_stats_t stats;
+            CHECK(ems_pool_stats(&race->pool, &stats, NULL, 0) >= 0);
+            CHECK(stats.spill_captured >= race->taken);
+        }
+        if (done && got == 0)
+            break;
+    }
+    free(seen);
+    free(data);
+    return NULL;
+}
+
+static void test_spill_ring_concurrent_take(void)
+{
+    spill_race_t race = {.taken = 0};
+    atomic_init(&race.writer_done, 0);
+    pool_open(&race.pool, 4 * SLAB, SLAB, 256);
+    CHECK_EQ(ems_pool_set_spill_ring(&race.pool, 1 * MIB), 0);
+
+    pthread_t writer, taker;
+    CHECK_EQ(pthread_create(&taker, NULL, race_taker, &race), 0);
+    CHECK_EQ(pthread_create(&writer, NULL, race_writer, &race), 0);
+    CHECK_EQ(pthread_join(writer, NULL), 0);
+    CHECK_EQ(pthread_join(taker, NULL), 0);
+
+    ems_pool_stats_t stats;
+    pool_stats(&race.pool, &stats);
+    fprintf(stderr, "%llu evictions, %llu taken, %llu dropped\n",
+            (unsigned long long)stats.evictions, (unsigned long long)race.taken,
+            (unsigned long long)stats.spill_dropped);
+    CHECK_EQ(stats.evictions, RACE_BLOCKS - 64);
+    CHECK_EQ(stats.spill_captured, race.taken);
+    CHECK_EQ(stats.spill_captured + stats.spill_dropped, stats.evictions);
+    CHECK_EQ(stats.spill_ring_used, 0);
+    check_stats_consistent(&race.pool);
+    ems_pool_close(&race.pool);
+}
+
+int main(int argc, char **argv)
+{
+    /* `test_pool spill` runs only the multi-threaded spill test, for ThreadSanitizer. */
+    if (argc > 1 && strcmp(argv[1], "spill") == 0) {
+        RUN_TEST(test_spill_ring_concurrent_take);
+        fprintf(stderr, "test_pool spill: all passed\n");
+        return 0;
+    }
     RUN_TEST(test_default_slab_size);
     RUN_TEST(test_create_sizes);
     RUN_TEST(test_create_rejects_bad_config);
@@ -1007,6 +1742,15 @@ int main(void)
     RUN_TEST(test_disown_in_child_process);
     RUN_TEST(test_batches);
     RUN_TEST(test_stats_counters);
+    RUN_TEST(test_spill_ring_arguments);
+    RUN_TEST(test_spill_ring_captures_in_order);
+    RUN_TEST(test_spill_ring_skips_deleted_and_spilled);
+    RUN_TEST(test_spill_ring_drops_when_full);
+    RUN_TEST(test_spill_ring_resize_moves_records);
+    RUN_TEST(test_spill_ring_wrap_gaps);
+    RUN_TEST(test_spill_ring_wraps_across_cycles);
+    RUN_TEST(test_spill_ring_captures_slab_moves);
+    RUN_TEST(test_spill_ring_concurrent_take);
     fprintf(stderr, "test_pool: all passed\n");
     return 0;
 }
