@@ -1,4 +1,5 @@
-# C declarations of the EMS core (csrc/pool.h and csrc/arena.h) for the Cython bindings.
+# C declarations of the EMS core (csrc/pool.h, csrc/spill_ring.h and csrc/arena.h) for the
+# Cython bindings.
 from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
 
 
@@ -21,6 +22,11 @@ cdef extern from "crc32c.h":
     uint32_t ems_crc32c(uint32_t crc, const void *data, size_t length) nogil
     uint32_t ems_crc32c_software(uint32_t crc, const void *data, size_t length) nogil
     int ems_crc32c_hardware() nogil
+
+
+cdef extern from "spill_ring.h":
+    enum: EMS_SPILL_RECORD_HEADER
+    uint64_t ems_spill_record_bytes(uint64_t length) nogil
 
 
 cdef extern from "pool.h":
@@ -51,6 +57,7 @@ cdef extern from "pool.h":
         uint64_t bytes_used, bytes_free, bytes_wasted, metadata_bytes
         uint64_t hits, misses, puts, put_exists, evictions, deletes, slab_moves, pool_full
         uint64_t reader_hits, reader_misses, reader_retries
+        uint64_t spill_captured, spill_dropped, spill_ring_bytes, spill_ring_used
         uint32_t page_kind, nclasses_used
 
     uint64_t ems_pool_default_slab_size(uint64_t capacity) nogil
@@ -69,6 +76,11 @@ cdef extern from "pool.h":
     int ems_pool_delete(ems_pool_t *pool, const uint8_t *key) nogil
     int64_t ems_pool_protect(ems_pool_t *pool, const uint8_t *keys, uint64_t n,
                              int protect) nogil
+
+    int ems_pool_set_spill_ring(ems_pool_t *pool, uint64_t bytes) nogil
+    uint64_t ems_pool_take_evicted(ems_pool_t *pool, uint8_t *out_keys, uint64_t *out_lengths,
+                                   uint8_t *buf, uint64_t buf_len, uint64_t max_blocks) nogil
+    int64_t ems_pool_mark_spilled(ems_pool_t *pool, const uint8_t *keys, uint64_t n) nogil
 
     int64_t ems_pool_length(ems_pool_t *pool, const uint8_t *key) nogil
     int64_t ems_pool_get(ems_pool_t *pool, const uint8_t *key, void *dst, uint64_t dst_len,

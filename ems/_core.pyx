@@ -16,6 +16,7 @@ from posix.unistd cimport usleep
 
 from ems._core cimport *
 
+import operator
 import os
 
 from ems.errors import (ArenaError, AttachError, BlockTooLargeError, BufferNotContiguousError,
@@ -27,6 +28,7 @@ PAGE_KINDS = {"auto": EMS_PAGES_AUTO, "hugetlb": EMS_PAGES_HUGETLB, "thp": EMS_P
               "small": EMS_PAGES_SMALL}
 MIN_SLAB_SIZE = 64 << 10
 MAX_SLAB_SIZE = 1 << 30
+SPILL_RECORD_HEADER_BYTES = EMS_SPILL_RECORD_HEADER  # key and length before each payload
 
 
 def default_slab_size(uint64_t capacity):
@@ -215,6 +217,16 @@ cdef class KeyBatch:
 
 # ---- errors -------------------------------------------------------------------------
 
+cdef object _integer_argument(object value, str name):
+    """Return `value` as a Python int: any integer type (numpy ones too), but not bool."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an integer, got bool")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__}") from None
+
+
 cdef object _errno_name(int rc):
     return os.strerror(-rc) if rc < 0 else str(rc)
 
@@ -357,6 +369,7 @@ cdef class _CorePool:
     cdef bint _closing
     cdef Py_ssize_t _inflight
     cdef readonly uint64_t _max_block
+    cdef uint64_t _spill_ring_bytes   # size last set through this handle, bounds take_evicted
     cdef set _reservations
     cdef set _servers
 
@@ -765,6 +778,109 @@ cdef class _CorePool:
         finally:
             self._leave()
 
+    # -- spill capture --
+
+    def set_spill_ring(self, nbytes):
+        """Capture evicted blocks for a spill tier in a ring of `nbytes` bytes of this
+        process's heap, which take_evicted() drains. Owner only.
+
+        0 turns capture off and frees the ring. Any other size must have room for the record
+        of the largest block: max_block_size + SPILL_RECORD_HEADER_BYTES bytes or more. Only
+        blocks evicted to make room are captured, not deleted ones or ones marked with
+        mark_spilled(). When the ring is full, a new block is dropped and counted in
+        stats()["spill_dropped"]. Resizing keeps the held blocks, oldest first. Those that
+        no longer fit, and all held blocks when capture is turned off, count as dropped too.
+        """
+        cdef uint64_t size
+        cdef int rc
+        nbytes = _integer_argument(nbytes, "nbytes")
+        minimum = self._max_block + EMS_SPILL_RECORD_HEADER
+        if nbytes < 0:
+            raise ValueError(f"spill ring size {nbytes} bytes is negative; pass 0 to turn "
+                             f"capture off or at least {minimum} bytes")
+        if 0 < nbytes < minimum:
+            raise ValueError(f"spill ring size {nbytes} bytes is too small: it must hold the "
+                             f"record of the largest block, {minimum} bytes (max_block_size "
+                             f"{self._max_block} + {EMS_SPILL_RECORD_HEADER}-byte header); "
+                             "pass 0 to turn capture off")
+        if nbytes > 0xffffffffffffffff:
+            raise ValueError(f"spill ring size {nbytes} bytes exceeds the maximum 2**64 - 1")
+        size = nbytes
+        self._enter()
+        try:
+            with nogil:
+                rc = ems_pool_set_spill_ring(&self.pool, size)
+            if rc == -EPERM:
+                raise_write_error(rc, 0, self)
+            if rc == -ENOMEM:
+                raise MemoryError(f"cannot allocate a spill ring of {nbytes} bytes")
+            if rc != 0:
+                raise OSError(-rc, f"setting the spill ring failed: {_errno_name(rc)}")
+            self._spill_ring_bytes = size
+        finally:
+            self._leave()
+
+    def take_evicted(self, buffer, max_blocks):
+        """Pop up to `max_blocks` captured blocks, oldest first, into `buffer`, a writable
+        contiguous buffer (bytearray, numpy array, mmap). Owner only.
+
+        Payloads are written one after another from offset 0, so block i starts at
+        sum(lengths[:i]). A block that does not fit in the rest of the buffer stays in the
+        ring for the next call. Returns (keys, lengths), lists of 32-byte keys and payload
+        lengths that are empty when nothing was taken. The call waits for the ring's lock
+        only, never for pool writes.
+        """
+        cdef Span dst
+        cdef uint64_t limit, got, i
+        cdef uint64_t *lengths = NULL
+        cdef bytes keys_out
+        cdef uint8_t *keys_ptr
+        max_blocks = _integer_argument(max_blocks, "max_blocks")
+        if max_blocks < 0:
+            raise ValueError(f"max_blocks {max_blocks} is negative; it must be 0 or more")
+        span_acquire(buffer, &dst, True, "buffer")
+        self._enter()
+        try:
+            if not self.pool.owner:
+                raise_write_error(-EPERM, 0, self)
+
+            # Every payload is at least 1 byte and every record at least
+            # ems_spill_record_bytes(1), so more records than this cannot come back.
+            limit = min(max_blocks, dst.size,
+                        self._spill_ring_bytes // ems_spill_record_bytes(1))
+            if limit == 0:
+                return [], []
+            keys_out = PyBytes_FromStringAndSize(NULL, limit * 32)
+            keys_ptr = <uint8_t *>PyBytes_AS_STRING(keys_out)
+            lengths = <uint64_t *>malloc(limit * sizeof(uint64_t))
+            if lengths == NULL:
+                raise MemoryError(f"cannot allocate the lengths of {limit} blocks")
+            with nogil:
+                got = ems_pool_take_evicted(&self.pool, keys_ptr, lengths,
+                                            <uint8_t *>dst.ptr, dst.size, limit)
+            return ([keys_out[i * 32:i * 32 + 32] for i in range(got)],
+                    [lengths[i] for i in range(got)])
+        finally:
+            self._leave()
+            free(lengths)
+            span_release(&dst)
+
+    def mark_spilled(self, keys):
+        """Mark stored keys as already in the spill tier, so evicting them copies nothing
+        into the spill ring. Returns how many of the keys were stored. A later put of one
+        of the keys stores an unmarked block."""
+        cdef KeyBatch batch = KeyBatch(keys)
+        cdef int64_t present
+        self._enter()
+        try:
+            with nogil:
+                present = ems_pool_mark_spilled(&self.pool, batch.data, batch.n)
+            if present < 0:
+                raise_write_error(present, 0, self)
+            return present
+        finally:
+            self._leave()
+
     # -- statistics --
 
     def keys(self, uint64_t chunk=65536):
@@ -821,6 +937,8 @@ cdef class _CorePool:
             evictions=s.evictions, deletes=s.deletes, slab_moves=s.slab_moves,
             pool_full=s.pool_full, reader_hits=s.reader_hits,
             reader_misses=s.reader_misses, reader_retries=s.reader_retries,
+            spill_captured=s.spill_captured, spill_dropped=s.spill_dropped,
+            spill_ring_bytes=s.spill_ring_bytes, spill_ring_used=s.spill_ring_used,
             page_kind=ems_page_kind_name(<ems_page_kind_t>s.page_kind).decode(),
             is_owner=bool(self.pool.owner), classes=classes)
 

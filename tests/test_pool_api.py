@@ -504,6 +504,7 @@ STAT_KEYS = {
     "bytes_used", "bytes_free", "bytes_wasted", "metadata_bytes",
     "metadata_bytes_per_block", "hits", "misses", "puts", "put_exists", "evictions",
     "deletes", "slab_moves", "pool_full", "reader_hits", "reader_misses", "reader_retries",
+    "spill_captured", "spill_dropped", "spill_ring_bytes", "spill_ring_used",
     "page_kind", "is_owner", "classes",
 }
 CLASS_KEYS = {
