@@ -442,6 +442,15 @@ int ems_conn_match_prefix(ems_conn_t *conn, const uint8_t *keys, uint64_t n, uin
     return rc;
 }
 
+int ems_conn_prefetch(ems_conn_t *conn, const uint8_t *keys, uint64_t n, uint64_t *count,
+                      uint32_t timeout_ms)
+{
+    int rc = key_call(conn, EMS_OP_PREFETCH, keys, n, 0, 8, timeout_ms);
+    if (rc == 0)
+        *count = ems_get64(conn->buf);
+    return rc;
+}
+
 int ems_conn_delete_many(ems_conn_t *conn, const uint8_t *keys, uint64_t n, int64_t *results,
                          uint32_t timeout_ms)
 {

@@ -46,7 +46,8 @@ typedef enum {
     EMS_OP_LOCAL_RESERVE = 13, /* local socket only: reserve slots the client fills */
     EMS_OP_LOCAL_COMMIT = 14,  /* local socket only: publish the reserved slots */
     EMS_OP_PROTECT = 15,       /* set (arg 1) or clear (arg 0) the evict-last hint */
-    EMS_OP_LAST = EMS_OP_PROTECT,
+    EMS_OP_PREFETCH = 16,      /* start loading keys the pool lacks from a lower tier */
+    EMS_OP_LAST = EMS_OP_PREFETCH,
 } ems_opcode_t;
 
 typedef enum {

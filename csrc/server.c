@@ -1,5 +1,6 @@
 /* Transfer server: listening sockets, one thread per connection, framing, the log and
- * the new-key queue. The operations themselves are in server_ops.c.
+ * the new-key queue. The operations themselves are in server_ops.c, and the miss handler
+ * in server_miss.c.
  *
  * A connection thread waits at most idle_timeout_ms for a header, decodes it and hands
  * it to ems_srv_dispatch. The rest of the frame must arrive within io_timeout_ms. A header
@@ -152,6 +153,9 @@ void ems_server_stats(ems_server_t *server, ems_server_stats_t *s)
     s->bytes_in = LOAD(bytes_in);
     s->bytes_out = LOAD(bytes_out);
     s->local_puts = LOAD(local_puts);
+    s->miss_calls = LOAD(miss_calls);
+    s->miss_keys = LOAD(miss_keys);
+    s->miss_found = LOAD(miss_found);
 
     pthread_mutex_lock(&server->conns_lock);
     s->connections_open = server->nconns;
@@ -266,6 +270,7 @@ static void conn_free(ems_srv_conn_t *conn)
     free(conn->in);
     free(conn->out);
     free(conn->keys);
+    ems_srv_miss_free(conn);
 
     /* The fd is closed only once the connection is off the list: ems_server_stop shuts
      * down every listed fd, and a closed fd number may already belong to another socket. */
@@ -552,6 +557,9 @@ int ems_server_start(const ems_server_config_t *config, ems_server_t **out)
     pthread_cond_init(&server->conns_idle, NULL);
     pthread_mutex_init(&server->log_lock, NULL);
     pthread_mutex_init(&server->keys_lock, NULL);
+    pthread_mutex_init(&server->miss_lock, NULL);
+    pthread_mutex_init(&server->miss_set_lock, NULL);
+    pthread_cond_init(&server->miss_idle, NULL);
 
     int rc = 0;
     if (config->secret && config->secret_len) {
@@ -623,6 +631,9 @@ void ems_server_stop(ems_server_t *server)
     pthread_cond_destroy(&server->conns_idle);
     pthread_mutex_destroy(&server->log_lock);
     pthread_mutex_destroy(&server->keys_lock);
+    pthread_mutex_destroy(&server->miss_lock);
+    pthread_mutex_destroy(&server->miss_set_lock);
+    pthread_cond_destroy(&server->miss_idle);
     if (server->secret) {
         memset(server->secret, 0, server->cfg.secret_len);
         free(server->secret);

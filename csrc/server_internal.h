@@ -9,6 +9,7 @@
 
 #include <pthread.h>
 #include <stdatomic.h>
+#include <sys/uio.h>
 
 #include "directory.h"
 #include "frame.h"
@@ -21,6 +22,7 @@ typedef struct ems_srv_counters {
     _Atomic uint64_t connections, refused_busy, auth_failures, bad_frames, requests, errors;
     _Atomic uint64_t gets, get_hits, get_misses, puts, put_stored, bytes_in, bytes_out;
     _Atomic uint64_t local_puts;
+    _Atomic uint64_t miss_calls, miss_keys, miss_found;
 } ems_srv_counters_t;
 
 typedef struct ems_srv_conn {
@@ -47,6 +49,15 @@ typedef struct ems_srv_conn {
     uint8_t *pending_keys;         /* their stored keys */
     int64_t *pending_rc;           /* each key's reserve result, returned again at commit */
     uint64_t npending;
+
+    /* Scratch of miss handler calls (server_miss.c): the indexes of the missed keys in
+     * the request, their stored keys and the handler's results. */
+    uint64_t *miss_index;
+    size_t miss_index_cap;         /* entries */
+    uint8_t *miss_keys;
+    size_t miss_keys_cap;
+    uint8_t *miss_found;
+    size_t miss_found_cap;
 
     struct ems_srv_conn *prev, *next;
 } ems_srv_conn_t;
@@ -77,6 +88,20 @@ struct ems_server {
     pthread_mutex_t keys_lock;     /* ring of stored keys committed since the last take */
     uint8_t *new_keys;
     uint64_t new_head, new_count, new_dropped;
+
+    /* Miss handler. miss_fn and miss_ctx change only under miss_lock. Each call copies
+     * them under the lock and counts itself in miss_active[miss_gen] until it returns.
+     * Replacing the handler flips miss_gen and waits on miss_idle for the old generation
+     * to drain, so calls that start meanwhile cannot delay it. miss_installed mirrors
+     * miss_fn != NULL, for a lock-free check before a request gathers its misses. */
+    pthread_mutex_t miss_lock;
+    pthread_mutex_t miss_set_lock; /* serializes ems_server_set_miss_handler */
+    pthread_cond_t miss_idle;
+    ems_miss_fn miss_fn;
+    void *miss_ctx;
+    unsigned miss_gen;             /* 0 or 1 */
+    uint64_t miss_active[2];
+    atomic_int miss_installed;
 };
 
 /* One log line (no trailing newline needed). */
@@ -98,6 +123,21 @@ int ems_srv_respond(ems_srv_conn_t *conn, const ems_frame_t *req, uint16_t statu
  * conn->in and its checksum verified; PUT reads its own payload. Returns 0 to keep the
  * connection, or a negative value to close it. */
 int ems_srv_dispatch(ems_srv_conn_t *conn, const ems_frame_t *req);
+
+/* Returns conn->miss_index with room for n indexes, or NULL when no miss handler is set
+ * (or no memory is left, which is logged), in which case the request is served from the
+ * pool alone. */
+uint64_t *ems_srv_miss_index(ems_srv_conn_t *conn, uint64_t n);
+
+/* Calls the miss handler once with the stored keys keys[conn->miss_index[j]] for
+ * j < nmiss, and leaves each key's result (0 or 1) in conn->miss_found[j]. Returns how
+ * many were found. Calls nothing, and finds nothing, when the handler was removed
+ * meanwhile or the server is stopping. */
+uint64_t ems_srv_miss_call(ems_srv_conn_t *conn, int mode, const uint8_t *keys,
+                           uint64_t nmiss);
+
+/* Frees the miss scratch of a connection. */
+void ems_srv_miss_free(ems_srv_conn_t *conn);
 
 /* Reads a whole payload into conn->in and checks its checksum: 0, -EBADMSG on a checksum
  * mismatch (the payload was consumed), or a transport error. */

@@ -157,6 +157,16 @@ static int op_auth(ems_srv_conn_t *conn, const ems_frame_t *req)
 
 /* ---- blocks ------------------------------------------------------------------------ */
 
+/* Pins the block of `key` when its length is `length`: returns the length and sets *data
+ * and *pin, or returns -ENOENT, -EMSGSIZE or -EINVAL (length 0). */
+static int64_t pin_block(ems_pool_t *pool, const uint8_t *key, uint64_t length,
+                         const uint8_t **data, uint32_t *pin)
+{
+    if (length == 0)
+        return -EINVAL;
+    return ems_pool_pin(pool, key, length, data, pin);
+}
+
 static int op_get(ems_srv_conn_t *conn, const ems_frame_t *req)
 {
     uint64_t n;
@@ -177,35 +187,58 @@ static int op_get(ems_srv_conn_t *conn, const ems_frame_t *req)
         return 0;
     struct iovec *iov = malloc((size_t)(n + 2) * sizeof *iov);
     uint32_t *pins = malloc((size_t)(n ? n : 1) * sizeof *pins);
-    if (!iov || !pins) {
+    const uint8_t **datas = malloc((size_t)(n ? n : 1) * sizeof *datas);
+    if (!iov || !pins || !datas) {
         free(iov);
         free(pins);
+        free(datas);
         return reject(conn, req, EMS_STATUS_INTERNAL, "out of memory");
     }
 
-    /* Pin each hit and point an iovec at its slot: the blocks go from the pool to the
-     * socket without a copy, after the results table, in key order. */
+    /* Step 1: pin each hit, so its slot stays valid and unchanged until it is sent, and
+     * note each key the pool does not have. */
     ems_pool_t *pool = conn->server->cfg.pool;
-    uint64_t off = 8 * n, hits = 0;
-    int niov = 2;
-    uint32_t crc = 0;
+    uint64_t *miss = ems_srv_miss_index(conn, n);
+    uint64_t hits = 0, nmiss = 0;
     for (uint64_t i = 0; i < n; i++) {
-        uint64_t length = ems_get64(lengths + 8 * i);
-        const uint8_t *data = NULL;
-        int64_t rc = length == 0 ? -EINVAL
-                                 : ems_pool_pin(pool, conn->keys + i * EMS_KEY_BYTES, length,
-                                                &data, &pins[hits]);
+        int64_t rc = pin_block(pool, conn->keys + i * EMS_KEY_BYTES, ems_get64(lengths + 8 * i),
+                               &datas[i], &pins[hits]);
         ems_put64(conn->out + 8 * i, (uint64_t)rc);
-        if (rc > 0) {
-            iov[niov].iov_base = (void *)data;
-            iov[niov++].iov_len = (size_t)rc;
-            off += (uint64_t)rc;
+        if (rc > 0)
             hits++;
+        else if (rc == -ENOENT && miss)
+            miss[nmiss++] = i;
+    }
+
+    /* Step 2: one LOAD call for all the misses, then pin what it loaded. The hits stay
+     * pinned during the call, so the blocks it loads cannot evict them. */
+    if (nmiss > 0 && ems_srv_miss_call(conn, EMS_MISS_LOAD, conn->keys, nmiss) > 0) {
+        for (uint64_t j = 0; j < nmiss; j++) {
+            if (!conn->miss_found[j])
+                continue;
+            uint64_t i = miss[j];
+            int64_t rc = pin_block(pool, conn->keys + i * EMS_KEY_BYTES,
+                                   ems_get64(lengths + 8 * i), &datas[i], &pins[hits]);
+            ems_put64(conn->out + 8 * i, (uint64_t)rc);
+            if (rc > 0)
+                hits++;
         }
     }
-    crc = ems_crc32c(0, conn->out, 8 * n);
-    for (int i = 2; i < niov; i++)
-        crc = ems_crc32c(crc, iov[i].iov_base, iov[i].iov_len);
+
+    /* Step 3: point an iovec at each pinned slot, in key order after the results table,
+     * so the blocks go from the pool to the socket without a copy. */
+    uint64_t off = 8 * n;
+    int niov = 2;
+    uint32_t crc = ems_crc32c(0, conn->out, 8 * n);
+    for (uint64_t i = 0; i < n; i++) {
+        int64_t rc = (int64_t)ems_get64(conn->out + 8 * i);
+        if (rc <= 0)
+            continue;
+        iov[niov].iov_base = (void *)datas[i];
+        iov[niov++].iov_len = (size_t)rc;
+        off += (uint64_t)rc;
+        crc = ems_crc32c(crc, datas[i], (size_t)rc);
+    }
 
     ems_frame_t resp = {.version = conn->version, .opcode = req->opcode,
                         .request_id = req->request_id, .payload_len = (uint32_t)off,
@@ -219,6 +252,7 @@ static int op_get(ems_srv_conn_t *conn, const ems_frame_t *req)
         ems_pool_unpin(pool, pins[i]);
     free(iov);
     free(pins);
+    free(datas);
 
     COUNT(conn, gets, n);
     COUNT(conn, get_hits, hits);
@@ -361,6 +395,27 @@ static int op_put(ems_srv_conn_t *conn, const ems_frame_t *req)
     return rc;
 }
 
+/* Passes the keys whose present[i] is 0 to one miss handler call in `mode`, and sets
+ * present[i] = 1 for each key it reports found. Returns how many it found. */
+static uint64_t ask_lower_tier(ems_srv_conn_t *conn, int mode, const uint8_t *keys, uint64_t n,
+                               uint8_t *present)
+{
+    uint64_t *miss = ems_srv_miss_index(conn, n);
+    if (!miss)
+        return 0;
+    uint64_t nmiss = 0;
+    for (uint64_t i = 0; i < n; i++)
+        if (!present[i])
+            miss[nmiss++] = i;
+    uint64_t found = ems_srv_miss_call(conn, mode, keys, nmiss);
+    for (uint64_t j = 0; j < nmiss && found > 0; j++)
+        if (conn->miss_found[j])
+            present[miss[j]] = 1;
+    return found;
+}
+
+/* Responds with present[n]: 1 for a key in the pool or, with a miss handler, in a lower
+ * tier (one PROBE call for the keys the pool lacks). */
 static int op_exists(ems_srv_conn_t *conn, const ems_frame_t *req)
 {
     uint64_t n;
@@ -368,18 +423,51 @@ static int op_exists(ems_srv_conn_t *conn, const ems_frame_t *req)
     if (parse_batch(conn, req, 0, &n, &arg) < 0 || out_room(conn, req, n) < 0)
         return 0;
     ems_pool_exists_many(conn->server->cfg.pool, conn->keys, n, conn->out);
+    ask_lower_tier(conn, EMS_MISS_PROBE, conn->keys, n, conn->out);
     return respond_ok(conn, req, conn->out, n, NULL, 0);
 }
 
+/* Responds with the count of leading keys present. When the pool holds only m < n of
+ * them and a miss handler is set, the keys of keys[m..n) that the pool lacks go to one
+ * PROBE call, and the count extends over each following key that is in the pool or that
+ * the handler found, up to the first key in neither. */
 static int op_match_prefix(ems_srv_conn_t *conn, const ems_frame_t *req)
 {
     uint64_t n;
     uint32_t arg;
     if (parse_batch(conn, req, 0, &n, &arg) < 0)
         return 0;
+    ems_pool_t *pool = conn->server->cfg.pool;
+    uint64_t m = ems_pool_match_prefix(pool, conn->keys, n);
+    if (m < n && atomic_load_explicit(&conn->server->miss_installed, memory_order_relaxed)) {
+        if (out_room(conn, req, n - m) < 0)
+            return 0;
+        const uint8_t *rest = conn->keys + m * EMS_KEY_BYTES;
+        uint8_t *present = conn->out;
+        ems_pool_exists_many(pool, rest, n - m, present);
+        ask_lower_tier(conn, EMS_MISS_PROBE, rest, n - m, present);
+        for (uint64_t i = 0; m < n && present[i]; i++)
+            m++;
+    }
     uint8_t count[8];
-    ems_put64(count, ems_pool_match_prefix(conn->server->cfg.pool, conn->keys, n));
+    ems_put64(count, m);
     return respond_ok(conn, req, count, sizeof count, NULL, 0);
+}
+
+/* Starts loading the keys the pool lacks: one PREFETCH call of the miss handler, which
+ * returns without waiting for the loads. Responds with how many keys were in the pool
+ * already or had a load started. */
+static int op_prefetch(ems_srv_conn_t *conn, const ems_frame_t *req)
+{
+    uint64_t n;
+    uint32_t arg;
+    if (parse_batch(conn, req, 0, &n, &arg) < 0 || out_room(conn, req, n) < 0)
+        return 0;
+    uint64_t count = ems_pool_exists_many(conn->server->cfg.pool, conn->keys, n, conn->out);
+    count += ask_lower_tier(conn, EMS_MISS_PREFETCH, conn->keys, n, conn->out);
+    uint8_t reply[8];
+    ems_put64(reply, count);
+    return respond_ok(conn, req, reply, sizeof reply, NULL, 0);
 }
 
 static int op_delete(ems_srv_conn_t *conn, const ems_frame_t *req)
@@ -454,7 +542,8 @@ static int op_stats(ems_srv_conn_t *conn, const ems_frame_t *req)
         "\"auth_failures\":%llu,\"bad_frames\":%llu,\"requests\":%llu,\"errors\":%llu,"
         "\"remote_gets\":%llu,\"remote_get_hits\":%llu,\"remote_puts\":%llu,"
         "\"bytes_in\":%llu,\"bytes_out\":%llu,\"local_puts\":%llu,"
-        "\"dir_entries\":%llu,\"dir_lookups\":%llu,\"dir_hits\":%llu}",
+        "\"dir_entries\":%llu,\"dir_lookups\":%llu,\"dir_hits\":%llu,"
+        "\"miss_calls\":%llu,\"miss_keys\":%llu,\"miss_found\":%llu}",
         conn->server->cfg.node_id, (unsigned long long)p.capacity,
         (unsigned long long)p.bytes_used, (unsigned long long)p.bytes_free,
         (unsigned long long)p.blocks, (unsigned long long)p.hits,
@@ -467,7 +556,8 @@ static int op_stats(ems_srv_conn_t *conn, const ems_frame_t *req)
         (unsigned long long)s.bytes_in, (unsigned long long)s.bytes_out,
         (unsigned long long)s.local_puts,
         (unsigned long long)s.dir_entries, (unsigned long long)s.dir_lookups,
-        (unsigned long long)s.dir_hits);
+        (unsigned long long)s.dir_hits, (unsigned long long)s.miss_calls,
+        (unsigned long long)s.miss_keys, (unsigned long long)s.miss_found);
     return respond_ok(conn, req, conn->out, (size_t)len, NULL, 0);
 }
 
@@ -598,7 +688,7 @@ int ems_srv_dispatch(ems_srv_conn_t *conn, const ems_frame_t *req)
     int node_op = op == EMS_OP_DIR_REGISTER;
     int client_op = op == EMS_OP_GET || op == EMS_OP_PUT || op == EMS_OP_EXISTS ||
                     op == EMS_OP_MATCH_PREFIX || op == EMS_OP_DELETE || op == EMS_OP_PROTECT ||
-                    local_op;
+                    op == EMS_OP_PREFETCH || local_op;
     if (node_op && conn->role != EMS_ROLE_NODE)
         return refuse(conn, req, EMS_STATUS_UNAUTHENTICATED, "directory registration needs the node role");
     if (client_op && conn->role != EMS_ROLE_CLIENT)
@@ -627,6 +717,7 @@ int ems_srv_dispatch(ems_srv_conn_t *conn, const ems_frame_t *req)
     case EMS_OP_MATCH_PREFIX: return op_match_prefix(conn, req);
     case EMS_OP_DELETE: return op_delete(conn, req);
     case EMS_OP_PROTECT: return op_protect(conn, req);
+    case EMS_OP_PREFETCH: return op_prefetch(conn, req);
     case EMS_OP_DIR_REGISTER: return op_dir_register(conn, req);
     case EMS_OP_DIR_LOOKUP: return op_dir_lookup(conn, req);
     case EMS_OP_STATS: return op_stats(conn, req);

@@ -9,6 +9,10 @@
  * ems_tenant_key(tenant salt, key), so a tenant can neither read nor probe another
  * tenant's blocks. The directory is keyed by the same stored keys.
  *
+ * Lower tier: a miss handler (ems_server_set_miss_handler) may serve the keys a request
+ * does not find in the pool. GET then loads them, and EXISTS and MATCH_PREFIX count the
+ * keys the handler reports as available.
+ *
  * Errors follow the core's convention: 0 or a count on success, a negative errno on
  * failure. Client calls return -ETIMEDOUT when the deadline passed and -ECONNRESET,
  * -EPIPE or -ECONNREFUSED when the peer is gone; after any transport error the connection
@@ -62,7 +66,30 @@ typedef struct ems_server_stats {
     uint64_t gets, get_hits, get_misses, puts, put_stored, bytes_in, bytes_out;
     uint64_t local_puts;
     uint64_t dir_entries, dir_registered, dir_lookups, dir_hits, dir_evictions;
+    uint64_t miss_calls;         /* calls of the miss handler */
+    uint64_t miss_keys;          /* keys passed to it */
+    uint64_t miss_found;         /* keys it reported found */
 } ems_server_stats_t;
+
+/* Modes of a miss handler call. */
+typedef enum {
+    EMS_MISS_LOAD = 0,       /* bring the keys into the pool before returning */
+    EMS_MISS_PROBE = 1,      /* only report whether a lower tier has them */
+    EMS_MISS_PREFETCH = 2,   /* start loading them into the pool and return at once */
+} ems_miss_mode_t;
+
+/* Handler of the keys a request did not find in the pool, so that a lower tier (a spill
+ * tier on disk) can serve them. The server calls it from connection threads, holding no
+ * server or pool lock, at most once per request, with the n >= 1 stored keys (32 bytes
+ * each, after the tenant transform) that the request missed. found[0..n) is zeroed before
+ * the call, and the handler sets found[i] = 1 for each key it has. With LOAD that means the
+ * block is now in the pool, with PROBE that a lower tier contains it, and with PREFETCH
+ * that a load has started. Any nonzero byte counts as 1. The handler must be thread-safe,
+ * because connections call it concurrently, and must not call ems_server_stop or
+ * ems_server_set_miss_handler, which wait for it. A GET keeps its hits pinned during the
+ * LOAD call, so the blocks the LOAD adds cannot evict them. */
+typedef void (*ems_miss_fn)(void *ctx, int mode, const uint8_t *keys, uint64_t n,
+                            uint8_t *found);
 
 /* Starts listening and serving. Returns 0, -EINVAL for a bad config, or the errno of
  * socket/bind/listen/pthread_create. */
@@ -76,6 +103,13 @@ uint16_t ems_server_port(const ems_server_t *server);
 void ems_server_stop(ems_server_t *server);
 
 void ems_server_stats(ems_server_t *server, ems_server_stats_t *stats);
+
+/* Installs `fn` with its `ctx` as the miss handler, or removes the handler when fn is
+ * NULL. Returns after every call of the handler it replaced has returned, so the caller
+ * may then free the old ctx. Calls to it are serialized. It must not be called from a miss
+ * handler, which would wait for itself. ems_server_stop joins every connection thread, so
+ * no handler runs once stop has returned. */
+void ems_server_set_miss_handler(ems_server_t *server, ems_miss_fn fn, void *ctx);
 
 /* Copies up to `len` bytes of pending log lines (each ending in '\n') into buf and removes
  * them; returns the byte count. The server logs every error it survives here, so the
@@ -140,6 +174,11 @@ int ems_conn_exists_many(ems_conn_t *conn, const uint8_t *keys, uint64_t n, uint
                          uint32_t timeout_ms);
 int ems_conn_match_prefix(ems_conn_t *conn, const uint8_t *keys, uint64_t n, uint64_t *count,
                           uint32_t timeout_ms);
+/* Asks the server to start loading the keys it lacks from its lower tier. *count gets how
+ * many of the keys were in the pool already or had a load started. Without a miss handler
+ * on the server that is the count already in the pool. */
+int ems_conn_prefetch(ems_conn_t *conn, const uint8_t *keys, uint64_t n, uint64_t *count,
+                      uint32_t timeout_ms);
 int ems_conn_delete_many(ems_conn_t *conn, const uint8_t *keys, uint64_t n, int64_t *results,
                          uint32_t timeout_ms);
 /* Sets (protect = 1) or clears the evict-last hint on the present keys; *present gets

@@ -2,11 +2,14 @@
 # they share its buffer helpers. Thin: argument checks, GIL released around every network
 # call, C errors turned into ems.errors exceptions. Routing and retries live in ems.client.
 
+from cpython.ref cimport PyObject, Py_XDECREF, Py_XINCREF
 from libc.string cimport strlen
 from posix.mman cimport MAP_FAILED, MAP_SHARED, PROT_READ, PROT_WRITE, mmap, munmap
 from posix.unistd cimport close as c_close
 
 import json
+import logging
+import threading
 
 from ems.errors import AuthenticationError, ProtocolVersionError, TransferError
 
@@ -37,6 +40,15 @@ cdef extern from "transfer.h":
         uint64_t gets, get_hits, get_misses, puts, put_stored, bytes_in, bytes_out
         uint64_t local_puts
         uint64_t dir_entries, dir_registered, dir_lookups, dir_hits, dir_evictions
+        uint64_t miss_calls, miss_keys, miss_found
+
+    ctypedef enum ems_miss_mode_t:
+        EMS_MISS_LOAD
+        EMS_MISS_PROBE
+        EMS_MISS_PREFETCH
+
+    ctypedef void (*ems_miss_fn)(void *ctx, int mode, const uint8_t *keys, uint64_t n,
+                                 uint8_t *found) noexcept
 
     ctypedef struct ems_conn_config_t:
         const char *host
@@ -56,6 +68,7 @@ cdef extern from "transfer.h":
     uint16_t ems_server_port(const ems_server_t *server) nogil
     void ems_server_stop(ems_server_t *server) nogil
     void ems_server_stats(ems_server_t *server, ems_server_stats_t *stats) nogil
+    void ems_server_set_miss_handler(ems_server_t *server, ems_miss_fn fn, void *ctx) nogil
     size_t ems_server_take_log(ems_server_t *server, char *buf, size_t len) nogil
     uint64_t ems_server_take_new_keys(ems_server_t *server, uint8_t *out, uint64_t max,
                                       uint64_t *dropped) nogil
@@ -79,6 +92,8 @@ cdef extern from "transfer.h":
                              uint32_t timeout_ms) nogil
     int ems_conn_match_prefix(ems_conn_t *conn, const uint8_t *keys, uint64_t n,
                               uint64_t *count, uint32_t timeout_ms) nogil
+    int ems_conn_prefetch(ems_conn_t *conn, const uint8_t *keys, uint64_t n, uint64_t *count,
+                          uint32_t timeout_ms) nogil
     int ems_conn_delete_many(ems_conn_t *conn, const uint8_t *keys, uint64_t n,
                              int64_t *results, uint32_t timeout_ms) nogil
     int ems_conn_protect(ems_conn_t *conn, const uint8_t *keys, uint64_t n, int protect,
@@ -99,6 +114,15 @@ cdef extern from "transfer.h":
 ROLES = {"client": 0, "node": 1}
 HOLDER_NONE = 0xffffffff
 DEFAULT_MAX_PAYLOAD = 64 << 20
+
+# Modes of a miss handler call (Server.set_miss_handler).
+MISS_LOAD = EMS_MISS_LOAD
+MISS_PROBE = EMS_MISS_PROBE
+MISS_PREFETCH = EMS_MISS_PREFETCH
+_MISS_MODE_NAMES = {EMS_MISS_LOAD: "LOAD", EMS_MISS_PROBE: "PROBE",
+                    EMS_MISS_PREFETCH: "PREFETCH"}
+
+_server_log = logging.getLogger("ems.server")
 
 
 def tenant_keys(str tenant, keys):
@@ -132,6 +156,73 @@ cdef object _transfer_error(int rc, str what):
     return TransferError(-rc, what)
 
 
+# ---- miss handler -------------------------------------------------------------------
+
+# Kinds of handler failure, as bits of MissHook.logged: each kind is logged once per
+# handler, then only counted.
+cdef enum:
+    MISS_FAILED_RAISED = 1
+    MISS_FAILED_RESULT = 2
+
+
+cdef struct MissHook:
+    # The Python miss handler of one Server: the ctx of _miss_trampoline. Every field is
+    # read and written with the GIL held.
+    PyObject *handler     # owned reference, NULL when none is set
+    int logged            # MISS_FAILED_* kinds logged since the handler was set
+    uint64_t failures     # calls that raised or returned a wrong result
+
+
+cdef void _miss_failed(MissHook *hook, int kind, object exc, str message, tuple args):
+    """Count a failed handler call, and log it when it is the first of its kind."""
+    hook.failures += 1
+    if hook.logged & kind:
+        return
+    hook.logged |= kind
+    _server_log.error(message + " (later failures of this kind are counted in "
+                      "Server.stats()['miss_handler_failures'], not logged)", *args,
+                      exc_info=exc)
+
+
+cdef void _miss_trampoline(void *ctx, int mode, const uint8_t *keys, uint64_t n,
+                           uint8_t *found) noexcept with gil:
+    """ems_miss_fn of a Server with a Python handler. Runs on a server connection thread,
+    which takes the GIL here. found[] arrives zeroed and stays so on any failure."""
+    cdef MissHook *hook = <MissHook *>ctx
+    cdef Span span
+    if hook.handler == NULL:
+        return
+    # A reference of this call's own, so that set_miss_handler cannot free the handler
+    # while it runs.
+    handler = <object>hook.handler
+    try:
+        result = handler(mode, PyBytes_FromStringAndSize(<const char *>keys, n * 32))
+    except BaseException as exc:
+        _miss_failed(hook, MISS_FAILED_RAISED, exc,
+                     "miss handler %r failed on a %s call of %d keys: %r; treating the "
+                     "keys as not found", (handler, _MISS_MODE_NAMES.get(mode, mode), n, exc))
+        return
+    try:
+        span_acquire(result, &span, False, "miss handler result")
+    except Exception:
+        _miss_failed(hook, MISS_FAILED_RESULT, None,
+                     "miss handler %r returned %s on a %s call of %d keys, expected a "
+                     "bytes-like object of %d bytes; treating the keys as not found",
+                     (handler, type(result).__name__, _MISS_MODE_NAMES.get(mode, mode), n,
+                      n))
+        return
+    try:
+        if <uint64_t>span.size != n:
+            _miss_failed(hook, MISS_FAILED_RESULT, None,
+                         "miss handler %r returned %d bytes on a %s call of %d keys, "
+                         "expected %d; treating the keys as not found",
+                         (handler, span.size, _MISS_MODE_NAMES.get(mode, mode), n, n))
+            return
+        memcpy(found, span.ptr, n)
+    finally:
+        span_release(&span)
+
+
 cdef class Server:
     """The transfer server of one pool: serves it over TCP (and a Unix socket for clients
     on this host) on C threads. Stop it before closing the pool; Pool.close stops it.
@@ -143,11 +234,17 @@ cdef class Server:
     cdef readonly uint32_t node_id
     cdef Py_ssize_t _inflight     # calls using the server with the GIL released
     cdef bint _stopping
+    cdef MissHook _hook           # ctx of the C miss handler; valid until __dealloc__ ends
+    cdef object _hook_lock        # serializes set_miss_handler
 
     def __cinit__(self):
         self.server = NULL
         self._inflight = 0
         self._stopping = False
+        self._hook.handler = NULL
+        self._hook.logged = 0
+        self._hook.failures = 0
+        self._hook_lock = threading.Lock()
 
     def __init__(self, _CorePool pool, str host="127.0.0.1", int port=0, unix_path=None,
                  secret=None, uint32_t node_id=0, uint32_t max_payload=DEFAULT_MAX_PAYLOAD,
@@ -191,10 +288,14 @@ cdef class Server:
         pool._servers.add(self)
 
     def __dealloc__(self):
+        # The C server is stopped first: its connection threads may still be running the
+        # trampoline, which reads self._hook.
         if self.server != NULL:
             with nogil:
                 ems_server_stop(self.server)
             self.server = NULL
+        Py_XDECREF(self._hook.handler)
+        self._hook.handler = NULL
 
     @property
     def port(self):
@@ -243,12 +344,64 @@ cdef class Server:
         finally:
             self._stopping = False
             self.pool._servers.discard(self)
+            # No connection thread is left to call the handler, so its reference can go,
+            # breaking any cycle through a handler that refers to this server.
+            self._replace_handler(None)
+
+    cdef void _replace_handler(self, object handler):
+        """Point the hook at `handler` (None for none) and reset its logged kinds."""
+        cdef PyObject *old = self._hook.handler
+        if handler is None:
+            self._hook.handler = NULL
+        else:
+            Py_XINCREF(<PyObject *>handler)
+            self._hook.handler = <PyObject *>handler
+        self._hook.logged = 0
+        Py_XDECREF(old)
+
+    def set_miss_handler(self, handler):
+        """Let `handler` serve the keys requests do not find in the pool, or with None
+        stop asking one.
+
+        The server calls handler(mode, keys) from its connection threads with the GIL
+        held, once per request, where keys is the missed stored keys joined (32 bytes
+        each, after the tenant transform) and mode is MISS_LOAD (GET: put the blocks into
+        the pool before returning), MISS_PROBE (EXISTS, MATCH_PREFIX: only report which a
+        lower tier has) or MISS_PREFETCH (PREFETCH: start loading and return at once). It
+        returns a bytes-like object of one byte per key, nonzero where the key was found.
+        A handler that raises or returns anything else finds nothing. That is logged to
+        the "ems.server" logger once per kind of failure and counted in
+        stats()["miss_handler_failures"].
+
+        Returns once no call of the previous handler is running. A handler must not call
+        set_miss_handler or stop() of its server, which would wait for the handler itself.
+        stop() drops the handler."""
+        cdef ems_server_t *server
+        cdef bint clear = handler is None
+        if handler is not None and not callable(handler):
+            raise TypeError(f"miss handler must be callable or None, got "
+                            f"{type(handler).__name__}")
+        with self._hook_lock:
+            server = self._enter()
+            try:
+                self._replace_handler(handler)
+                # Without the GIL: the wait for running calls needs them to finish, and
+                # they take the GIL in the trampoline.
+                with nogil:
+                    if clear:
+                        ems_server_set_miss_handler(server, NULL, NULL)
+                    else:
+                        ems_server_set_miss_handler(server, _miss_trampoline, &self._hook)
+            finally:
+                self._leave()
 
     def stats(self):
         cdef ems_server_stats_t s
         self._check()
         ems_server_stats(self.server, &s)
-        return s
+        cdef dict stats = s
+        stats["miss_handler_failures"] = self._hook.failures
+        return stats
 
     def take_log(self):
         """Lines the server logged since the last call (errors it survived)."""
@@ -486,6 +639,18 @@ cdef class Connection:
         with nogil:
             rc = ems_conn_match_prefix(self.conn, batch.data, batch.n, &count, timeout_ms)
         self._check(rc, "MATCH_PREFIX")
+        return count
+
+    def prefetch(self, keys, uint32_t timeout_ms=1000):
+        """Ask the server to start loading the keys it lacks from its lower tier. Returns
+        how many keys were in its pool already or had a load started."""
+        cdef KeyBatch batch = KeyBatch(keys)
+        cdef uint64_t count = 0
+        cdef int rc
+        self._open()
+        with nogil:
+            rc = ems_conn_prefetch(self.conn, batch.data, batch.n, &count, timeout_ms)
+        self._check(rc, "PREFETCH")
         return count
 
     def delete_many(self, keys, uint32_t timeout_ms=1000):

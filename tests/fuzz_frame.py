@@ -3,8 +3,10 @@ transfer tests share.
 
 Each fuzz input goes to one long-lived Server in this process, on a fresh TCP connection
 to 127.0.0.1 that first completes a valid handshake prefix chosen by the input's first
-byte. After each input the target checks that the server still responds to PING on a separate
-connection and that a sentinel block of another tenant is unchanged.
+byte. The server has a miss handler backed by a dict (TIER_KEY's block), so GET, EXISTS,
+MATCH_PREFIX and PREFETCH reach it. After each input the target checks that the server
+still responds to PING on a separate connection, that a sentinel block of another tenant is
+unchanged, and that the handler always got whole keys and never failed.
 
 Run it bounded, for example:
 
@@ -38,6 +40,8 @@ _HEADER = struct.Struct("<IHHQIIHH")   # bytes 0..27; header_crc follows
 PING, HELLO, AUTH, GET, PUT, EXISTS, MATCH_PREFIX, DELETE = 1, 2, 3, 4, 5, 6, 7, 8
 DIR_REGISTER, DIR_LOOKUP, STATS, LOCAL_ATTACH, LOCAL_RESERVE, LOCAL_COMMIT = (
     9, 10, 11, 12, 13, 14)
+PROTECT, PREFETCH = 15, 16
+UNKNOWN_OPCODE = 17   # the first opcode past EMS_OP_LAST, which the server rejects
 
 OK, BAD_REQUEST, UNAUTHENTICATED, UNSUPPORTED_VERSION, TOO_LARGE, BUSY, INTERNAL = range(7)
 
@@ -178,6 +182,8 @@ TENANT = b"fuzz"
 SENTINEL_TENANT = "sentinel"
 SENTINEL_KEY = hashlib.sha256(b"sentinel block").digest()
 SENTINEL_BLOCK = hashlib.sha256(b"sentinel data").digest() * 128   # 4 KiB
+TIER_KEY = hashlib.sha256(b"tier block").digest()   # only in the lower tier at the start
+TIER_BLOCK = hashlib.sha256(b"tier data").digest() * 32      # 1 KiB
 MAX_PAYLOAD = 64 << 10
 READ_TIMEOUT_S = 0.05
 
@@ -224,6 +230,12 @@ def seed_inputs():
         encode_frame(EXISTS, batch(keys)),
         encode_frame(MATCH_PREFIX, batch(keys)),
         encode_frame(DELETE, batch(keys[:1])),
+        encode_frame(PROTECT, batch(keys, arg=1)),
+        encode_frame(GET, get_payload([TIER_KEY, keys[0]], [len(TIER_BLOCK), len(blocks[0])])),
+        encode_frame(EXISTS, batch([keys[2], TIER_KEY])),
+        encode_frame(MATCH_PREFIX, batch([keys[0], TIER_KEY, keys[1]])),
+        encode_frame(PREFETCH, batch([TIER_KEY] + keys)),
+        encode_frame(DELETE, batch([TIER_KEY])),
         encode_frame(DIR_REGISTER, batch(keys, arg=7)),
         encode_frame(DIR_LOOKUP, batch(keys)),
         encode_frame(STATS),
@@ -244,18 +256,37 @@ def seed_inputs():
 
 
 class Target:
-    """The server under test, the sentinel block and a checker connection."""
+    """The server under test, the sentinel block, the lower tier and a checker connection."""
 
     def __init__(self):
         self.pool = ems.Pool(64 << 20, max_blocks=1 << 18)
         self.server = core.Server(self.pool, host="127.0.0.1", port=0, secret=SECRET,
                                   node_id=1, max_payload=MAX_PAYLOAD, io_timeout_ms=200)
+        self.tier = {core.tenant_keys(TENANT.decode(), [TIER_KEY]): TIER_BLOCK}
+        self.bad_handler_calls = []
+        self.server.set_miss_handler(self.miss_handler)
         writer = core.Connection("127.0.0.1", self.server.port, secret=SECRET,
                                  tenant=SENTINEL_TENANT)
         if writer.put_many([SENTINEL_KEY], [SENTINEL_BLOCK]) != [0]:
             raise RuntimeError("cannot store the sentinel block")
         writer.close()
         self.checker = None
+
+    def miss_handler(self, mode, keys):
+        """The lower tier: LOAD puts TIER_BLOCK into the pool, PROBE and PREFETCH only
+        report it (a prefetch that completes at once)."""
+        if len(keys) % 32 or not keys or mode not in (core.MISS_LOAD, core.MISS_PROBE,
+                                                       core.MISS_PREFETCH):
+            self.bad_handler_calls.append((mode, len(keys)))
+        found = bytearray(len(keys) // 32)
+        for i in range(len(found)):
+            block = self.tier.get(keys[32 * i:32 * i + 32])
+            if block is None:
+                continue
+            if mode == core.MISS_LOAD:
+                self.pool.put(keys[32 * i:32 * i + 32], block)
+            found[i] = 1
+        return bytes(found)
 
     def check(self):
         """Raise AssertionError unless the server responds to PING and the sentinel block is
@@ -268,6 +299,9 @@ class Target:
         results = self.checker.get_many_into([SENTINEL_KEY], [buffer], timeout_ms=2000)
         assert results == [len(SENTINEL_BLOCK)], f"sentinel GET returned {results}"
         assert buffer == SENTINEL_BLOCK, "sentinel block changed"
+        assert self.bad_handler_calls == [], f"bad miss handler calls {self.bad_handler_calls}"
+        failures = self.server.stats()["miss_handler_failures"]
+        assert failures == 0, f"{failures} miss handler calls failed"
         self.server.take_log()   # keep the bounded log from dropping lines
 
     def run_one(self, data):

@@ -20,11 +20,11 @@ import ems
 import ems._core as core
 from conftest import make_block, make_key
 from fuzz_frame import (AUTH, BAD_REQUEST, DELETE, DIR_REGISTER, EXISTS, GET, HEADER_BYTES,
-                        HELLO, LOCAL_ATTACH, LOCAL_COMMIT, OK, PING, PUT, RESPONSE,
+                        HELLO, LOCAL_ATTACH, LOCAL_COMMIT, OK, PING, PREFETCH, PUT, RESPONSE,
                         ROLE_CLIENT, ROLE_NODE, STATS, TOO_LARGE, UNAUTHENTICATED,
-                        UNSUPPORTED_VERSION, batch, connect, drain, encode_frame,
-                        encode_header, get_payload, handshake, hello_payload, put_payload,
-                        read_response)
+                        UNKNOWN_OPCODE, UNSUPPORTED_VERSION, batch, connect, drain,
+                        encode_frame, encode_header, get_payload, handshake, hello_payload,
+                        put_payload, read_response)
 
 SECRET = b"bad input secret"
 TENANT = b"t"
@@ -163,7 +163,7 @@ HEADER_CASES = {
     "bad_header_crc": (corrupt_header_crc(encode_frame(PING)), BAD_REQUEST,
                        "bad magic or header checksum"),
     "opcode_0": (encode_frame(0), BAD_REQUEST, "bad opcode, flags or status"),
-    "opcode_16": (encode_frame(16), BAD_REQUEST, "bad opcode, flags or status"),
+    "opcode_17": (encode_frame(UNKNOWN_OPCODE), BAD_REQUEST, "bad opcode, flags or status"),
     "opcode_ffff": (encode_frame(0xffff), BAD_REQUEST, "bad opcode, flags or status"),
     "response_flag": (encode_frame(GET, flags=RESPONSE), BAD_REQUEST,
                       "bad opcode, flags or status"),
@@ -209,6 +209,8 @@ REFUSED_CASES = {
                         UNAUTHENTICATED, "request before authentication"),
     "delete_before_auth": (1, ROLE_CLIENT, encode_frame(DELETE, batch([NEW_KEY]), 9),
                            UNAUTHENTICATED, "request before authentication"),
+    "prefetch_before_auth": (1, ROLE_CLIENT, encode_frame(PREFETCH, batch([NEW_KEY]), 9),
+                             UNAUTHENTICATED, "request before authentication"),
     "auth_before_hello": (0, ROLE_CLIENT, encode_frame(AUTH, bytes(32), 9), BAD_REQUEST,
                           "AUTH out of order"),
     "second_auth": (2, ROLE_CLIENT, encode_frame(AUTH, bytes(32), 9), BAD_REQUEST,
@@ -241,6 +243,8 @@ REFUSED_CASES = {
     "local_commit_on_tcp": (2, ROLE_CLIENT, encode_frame(LOCAL_COMMIT, batch([]), 9),
                             BAD_REQUEST, "local operation on a TCP connection"),
     "block_op_as_node": (2, ROLE_NODE, encode_frame(GET, get_payload([NEW_KEY], [8]), 9),
+                         BAD_REQUEST, "block operation on a node connection"),
+    "prefetch_as_node": (2, ROLE_NODE, encode_frame(PREFETCH, batch([NEW_KEY]), 9),
                          BAD_REQUEST, "block operation on a node connection"),
     "dir_register_as_client": (2, ROLE_CLIENT, encode_frame(DIR_REGISTER, batch([NEW_KEY], 5), 9),
                                UNAUTHENTICATED, "directory registration needs the node role"),
@@ -306,6 +310,8 @@ REJECTED_CASES = {
                               BAD_REQUEST, "payload length does not match the key count"),
     "exists_n_max_u32": (encode_frame(EXISTS, struct.pack("<II", 0xffffffff, 0) + NEW_KEY, 9),
                          BAD_REQUEST, "payload length does not match the key count"),
+    "prefetch_n_over_payload": (encode_frame(PREFETCH, struct.pack("<II", 2, 0) + NEW_KEY, 9),
+                                BAD_REQUEST, "payload length does not match the key count"),
     "get_missing_lengths": (encode_frame(GET, batch([NEW_KEY]), 9), BAD_REQUEST,
                             "payload length does not match the key count"),
     "delete_shorter_than_head": (encode_frame(DELETE, b"\x01\0\0", 9), BAD_REQUEST,

@@ -951,6 +951,472 @@ static void test_stop_with_open_connections(void)
     fixture_stop(&f);
 }
 
+/* ---- miss handler: a lower tier behind the pool ------------------------------------- */
+
+/* A C lower tier: NTIER blocks by stored key of tenant "miss", contents a function of the
+ * key id. LOAD puts a found block into the pool, PROBE and PREFETCH only report it. Each
+ * handler ctx records its calls. A ctx is retired once ems_server_set_miss_handler has
+ * replaced it, and a call that runs on a retired ctx fails the test. */
+enum { NTIER = 32, TIER_SALT = 0x8008, MAX_RECORDED = 16 };
+
+typedef struct tier {
+    ems_pool_t *pool;
+    uint8_t keys[NTIER][EMS_KEY_BYTES];     /* raw keys, as clients send them */
+    uint8_t stored[NTIER][EMS_KEY_BYTES];   /* the tenant's stored keys */
+    uint64_t length[NTIER];
+    uint8_t *payload[NTIER];
+} tier_t;
+
+typedef struct tier_ctx {
+    tier_t *tier;
+    _Atomic int retired;
+    _Atomic int active;                     /* calls running now */
+    _Atomic uint64_t calls, keys, found;
+    _Atomic uint64_t sleep_ms;              /* each call sleeps this long first */
+    _Atomic int entered;
+    const _Atomic int *stopped;             /* set once ems_server_stop returned */
+    pthread_mutex_t lock;                   /* guards the last call's record */
+    int last_mode;
+    uint64_t last_n;
+    uint8_t last_keys[MAX_RECORDED][EMS_KEY_BYTES];
+} tier_ctx_t;
+
+static uint64_t tier_length(uint64_t id)
+{
+    return 1000 + id * 97;
+}
+
+static void tier_init(tier_t *tier, ems_pool_t *pool)
+{
+    memset(tier, 0, sizeof *tier);
+    tier->pool = pool;
+    uint8_t salt[32];
+    ems_tenant_salt("miss", 4, salt);
+    for (int i = 0; i < NTIER; i++) {
+        test_make_key(tier->keys[i], (uint64_t)i, TIER_SALT);
+        tier->length[i] = tier_length((uint64_t)i);
+        tier->payload[i] = payload_of(2000 + (uint64_t)i, tier->length[i]);
+    }
+    ems_tenant_keys(salt, &tier->keys[0][0], NTIER, &tier->stored[0][0]);
+}
+
+static void tier_free(tier_t *tier)
+{
+    for (int i = 0; i < NTIER; i++)
+        free(tier->payload[i]);
+}
+
+static void tier_ctx_init(tier_ctx_t *ctx, tier_t *tier)
+{
+    memset(ctx, 0, sizeof *ctx);
+    ctx->tier = tier;
+    pthread_mutex_init(&ctx->lock, NULL);
+}
+
+static int tier_find(const tier_t *tier, const uint8_t *stored)
+{
+    for (int i = 0; i < NTIER; i++)
+        if (memcmp(tier->stored[i], stored, EMS_KEY_BYTES) == 0)
+            return i;
+    return -1;
+}
+
+static void tier_handler(void *arg, int mode, const uint8_t *keys, uint64_t n, uint8_t *found)
+{
+    tier_ctx_t *ctx = arg;
+    CHECK(!atomic_load(&ctx->retired));
+    CHECK(!ctx->stopped || !atomic_load(ctx->stopped));
+    CHECK(mode == EMS_MISS_LOAD || mode == EMS_MISS_PROBE || mode == EMS_MISS_PREFETCH);
+    CHECK(n > 0);
+    atomic_fetch_add(&ctx->active, 1);
+    atomic_store(&ctx->entered, 1);
+    uint64_t sleep_ms = atomic_load(&ctx->sleep_ms);
+    if (sleep_ms) {
+        struct timespec pause = {(time_t)(sleep_ms / 1000), (long)(sleep_ms % 1000) * 1000000};
+        nanosleep(&pause, NULL);
+    }
+
+    pthread_mutex_lock(&ctx->lock);
+    ctx->last_mode = mode;
+    ctx->last_n = n;
+    memcpy(ctx->last_keys, keys, (n < MAX_RECORDED ? n : MAX_RECORDED) * EMS_KEY_BYTES);
+    pthread_mutex_unlock(&ctx->lock);
+
+    uint64_t hits = 0;
+    for (uint64_t i = 0; i < n; i++) {
+        CHECK_EQ(found[i], 0);   /* the server zeroes found[] before the call */
+        int id = tier_find(ctx->tier, keys + i * EMS_KEY_BYTES);
+        if (id < 0)
+            continue;
+        if (mode == EMS_MISS_LOAD) {
+            int rc = ems_pool_put(ctx->tier->pool, keys + i * EMS_KEY_BYTES,
+                                  ctx->tier->payload[id], ctx->tier->length[id]);
+            CHECK(rc == 0 || rc == 1);
+        }
+        found[i] = 1;
+        hits++;
+    }
+    atomic_fetch_add(&ctx->calls, 1);
+    atomic_fetch_add(&ctx->keys, n);
+    atomic_fetch_add(&ctx->found, hits);
+    CHECK(!atomic_load(&ctx->retired));
+    atomic_fetch_sub(&ctx->active, 1);
+}
+
+/* Fails unless the last call was in `mode` with exactly the stored keys of the tier ids
+ * in `ids` (-1: the stored key of the never-stored key `absent`), in that order. */
+static void check_last_call(tier_ctx_t *ctx, int mode, const int *ids, uint64_t n,
+                            const uint8_t *absent_stored)
+{
+    pthread_mutex_lock(&ctx->lock);
+    CHECK_EQ(ctx->last_mode, mode);
+    CHECK_EQ(ctx->last_n, n);
+    for (uint64_t i = 0; i < n; i++) {
+        const uint8_t *expected = ids[i] < 0 ? absent_stored : ctx->tier->stored[ids[i]];
+        CHECK(memcmp(ctx->last_keys[i], expected, EMS_KEY_BYTES) == 0);
+    }
+    pthread_mutex_unlock(&ctx->lock);
+}
+
+static void test_miss_handler_serves_lower_tier(void)
+{
+    server_fixture_t f;
+    fixture_start(&f);
+    tier_t tier;
+    tier_init(&tier, &f.pool);
+    tier_ctx_t ctx;
+    tier_ctx_init(&ctx, &tier);
+    ems_conn_config_t tcp = tcp_config(&f, "miss", EMS_ROLE_CLIENT);
+    ems_conn_config_t local = local_config(&f, "miss");
+    ems_conn_t *conns[2] = {open_or_fail(&tcp), open_or_fail(&local)};
+
+    /* Tier key 0 is also put into the pool through the connection, and `absent` is in
+     * neither. */
+    uint8_t absent[EMS_KEY_BYTES], absent_stored[EMS_KEY_BYTES], salt[32];
+    test_make_key(absent, 999, TIER_SALT);
+    ems_tenant_salt("miss", 4, salt);
+    ems_tenant_keys(salt, absent, 1, absent_stored);
+    int64_t result;
+    put_one(conns[0], tier.keys[0], tier.payload[0], tier.length[0], &result);
+    CHECK_EQ(result, 0);
+
+    /* Without a handler, a tier key is a miss. */
+    uint8_t *buf = zeroed(tier_length(NTIER));
+    get_one(conns[0], tier.keys[1], buf, tier.length[1], &result);
+    CHECK_EQ(result, -ENOENT);
+    ems_server_set_miss_handler(f.server, tier_handler, &ctx);
+
+    for (int c = 0; c < 2; c++) {
+        ems_conn_t *conn = conns[c];
+        int base = 1 + 4 * c;   /* tier ids base .. base + 3, unused by the other pass */
+
+        /* GET [pool key, tier key, absent key, tier key]: one LOAD call with exactly the
+         * three missed keys, in request order. */
+        uint8_t keys[4 * EMS_KEY_BYTES];
+        memcpy(keys, tier.keys[0], EMS_KEY_BYTES);
+        memcpy(keys + EMS_KEY_BYTES, tier.keys[base], EMS_KEY_BYTES);
+        memcpy(keys + 2 * EMS_KEY_BYTES, absent, EMS_KEY_BYTES);
+        memcpy(keys + 3 * EMS_KEY_BYTES, tier.keys[base + 1], EMS_KEY_BYTES);
+        uint64_t lengths[4] = {tier.length[0], tier.length[base], 64, tier.length[base + 1]};
+        void *dsts[4];
+        for (int i = 0; i < 4; i++)
+            dsts[i] = zeroed(lengths[i]);
+        int64_t results[4];
+        uint64_t calls = atomic_load(&ctx.calls);
+        CHECK_EQ(ems_conn_get_many(conn, keys, 4, dsts, lengths, results, CALL_TIMEOUT_MS), 0);
+        CHECK_EQ(atomic_load(&ctx.calls), calls + 1);
+        check_last_call(&ctx, EMS_MISS_LOAD, (const int[]){base, -1, base + 1}, 3,
+                        absent_stored);
+        CHECK_EQ(results[0], tier.length[0]);
+        CHECK_EQ(results[1], tier.length[base]);
+        CHECK_EQ(results[2], -ENOENT);
+        CHECK_EQ(results[3], tier.length[base + 1]);
+        CHECK(memcmp(dsts[0], tier.payload[0], tier.length[0]) == 0);
+        CHECK(memcmp(dsts[1], tier.payload[base], tier.length[base]) == 0);
+        CHECK(memcmp(dsts[3], tier.payload[base + 1], tier.length[base + 1]) == 0);
+        CHECK_EQ(ems_pool_exists(&f.pool, tier.stored[base]), 1);
+        for (int i = 0; i < 4; i++)
+            free(dsts[i]);
+
+        /* EXISTS [absent, tier base+2]: one PROBE call, and the probe loads nothing. */
+        uint8_t pair[2 * EMS_KEY_BYTES], present[2];
+        memcpy(pair, absent, EMS_KEY_BYTES);
+        memcpy(pair + EMS_KEY_BYTES, tier.keys[base + 2], EMS_KEY_BYTES);
+        CHECK_EQ(ems_conn_exists_many(conn, pair, 2, present, CALL_TIMEOUT_MS), 0);
+        CHECK_EQ(present[0], 0);
+        CHECK_EQ(present[1], 1);
+        check_last_call(&ctx, EMS_MISS_PROBE, (const int[]){-1, base + 2}, 2, absent_stored);
+        CHECK_EQ(ems_pool_exists(&f.pool, tier.stored[base + 2]), 0);
+
+        /* MATCH_PREFIX [pool 0, tier base+2, pool base, absent, tier base+3]: the pool
+         * contains 1 leading key, the probe covers the later keys that the pool lacks,
+         * and the count stops at the absent key. */
+        uint8_t chain[5 * EMS_KEY_BYTES];
+        memcpy(chain, tier.keys[0], EMS_KEY_BYTES);
+        memcpy(chain + EMS_KEY_BYTES, tier.keys[base + 2], EMS_KEY_BYTES);
+        memcpy(chain + 2 * EMS_KEY_BYTES, tier.keys[base], EMS_KEY_BYTES);
+        memcpy(chain + 3 * EMS_KEY_BYTES, absent, EMS_KEY_BYTES);
+        memcpy(chain + 4 * EMS_KEY_BYTES, tier.keys[base + 3], EMS_KEY_BYTES);
+        uint64_t count = 99;
+        CHECK_EQ(ems_conn_match_prefix(conn, chain, 5, &count, CALL_TIMEOUT_MS), 0);
+        CHECK_EQ(count, 3);
+        check_last_call(&ctx, EMS_MISS_PROBE, (const int[]){base + 2, -1, base + 3}, 3,
+                        absent_stored);
+
+        /* PREFETCH [pool 0, tier base+3, absent]: one call for the two the pool lacks. */
+        uint8_t batch3[3 * EMS_KEY_BYTES];
+        memcpy(batch3, tier.keys[0], EMS_KEY_BYTES);
+        memcpy(batch3 + EMS_KEY_BYTES, tier.keys[base + 3], EMS_KEY_BYTES);
+        memcpy(batch3 + 2 * EMS_KEY_BYTES, absent, EMS_KEY_BYTES);
+        CHECK_EQ(ems_conn_prefetch(conn, batch3, 3, &count, CALL_TIMEOUT_MS), 0);
+        CHECK_EQ(count, 2);
+        check_last_call(&ctx, EMS_MISS_PREFETCH, (const int[]){base + 3, -1}, 2,
+                        absent_stored);
+    }
+
+    /* 2 passes of 4 calls, 10 keys and 6 found each. */
+    ems_server_stats_t stats;
+    ems_server_stats(f.server, &stats);
+    CHECK_EQ(stats.miss_calls, 8);
+    CHECK_EQ(stats.miss_keys, 20);
+    CHECK_EQ(stats.miss_found, 12);
+    CHECK_EQ(atomic_load(&ctx.calls), 8);
+
+    /* Once the handler is removed, nothing reaches it and a tier key is a miss again. */
+    ems_server_set_miss_handler(f.server, NULL, NULL);
+    atomic_store(&ctx.retired, 1);
+    get_one(conns[1], tier.keys[20], buf, tier.length[20], &result);
+    CHECK_EQ(result, -ENOENT);
+    uint64_t count = 99;
+    CHECK_EQ(ems_conn_prefetch(conns[1], tier.keys[0], 1, &count, CALL_TIMEOUT_MS), 0);
+    CHECK_EQ(count, 1);
+    CHECK_EQ(atomic_load(&ctx.calls), 8);
+
+    char log[1024];
+    size_t log_len = ems_server_take_log(f.server, log, sizeof log - 1);
+    log[log_len] = 0;
+    if (log_len)
+        fprintf(stderr, "unexpected server log:\n%s", log);
+    CHECK_EQ(log_len, 0);
+
+    ems_conn_close(conns[0]);
+    ems_conn_close(conns[1]);
+    free(buf);
+    pthread_mutex_destroy(&ctx.lock);
+    tier_free(&tier);
+    fixture_stop(&f);
+}
+
+/* Client threads read tier keys while another thread keeps replacing the handler with a
+ * fresh ctx or none. Every block read must be the right one, and no call may run on a ctx
+ * after ems_server_set_miss_handler replaced it. */
+enum { MISS_WORKERS = 4, MISS_CTXS = 64 };
+
+typedef struct miss_race {
+    server_fixture_t *fixture;
+    tier_t tier;
+    tier_ctx_t ctxs[MISS_CTXS];
+    long ops;
+    _Atomic int workers_done;
+    _Atomic uint64_t hits;
+} miss_race_t;
+
+typedef struct miss_worker {
+    miss_race_t *race;
+    uint64_t seed;
+    int local;
+    pthread_t thread;
+} miss_worker_t;
+
+static void *miss_worker_main(void *arg)
+{
+    miss_worker_t *w = arg;
+    miss_race_t *race = w->race;
+    tier_t *tier = &race->tier;
+    ems_conn_config_t config = w->local ? local_config(race->fixture, "miss")
+                                        : tcp_config(race->fixture, "miss", EMS_ROLE_CLIENT);
+    ems_conn_t *conn = open_or_fail(&config);
+    uint64_t rng = w->seed;
+    uint8_t *bufs[MAX_BATCH];
+    for (int i = 0; i < MAX_BATCH; i++)
+        bufs[i] = zeroed(tier_length(NTIER));
+
+    for (long op = 0; op < race->ops; op++) {
+        uint64_t r = test_next_random(&rng);
+        uint64_t n = 1 + r % MAX_BATCH, first = (r >> 8) % NTIER;
+        uint64_t ids[MAX_BATCH], lengths[MAX_BATCH];
+        uint8_t keys[MAX_BATCH * EMS_KEY_BYTES];
+        for (uint64_t i = 0; i < n; i++) {
+            ids[i] = (first + i * 7) % NTIER;   /* 7 is odd and NTIER a power of two */
+            lengths[i] = tier->length[ids[i]];
+            memcpy(keys + i * EMS_KEY_BYTES, tier->keys[ids[i]], EMS_KEY_BYTES);
+        }
+        uint64_t kind = (r >> 16) % 8;
+        int64_t results[MAX_BATCH];
+        if (kind < 4) {
+            void *dsts[MAX_BATCH];
+            for (uint64_t i = 0; i < n; i++)
+                dsts[i] = bufs[i];
+            CHECK_EQ(ems_conn_get_many(conn, keys, n, dsts, lengths, results, CALL_TIMEOUT_MS),
+                     0);
+            for (uint64_t i = 0; i < n; i++) {
+                if (results[i] == -ENOENT)
+                    continue;
+                CHECK_EQ(results[i], lengths[i]);
+                CHECK(memcmp(bufs[i], tier->payload[ids[i]], lengths[i]) == 0);
+                atomic_fetch_add(&race->hits, 1);
+            }
+        } else if (kind < 5) {
+            uint8_t present[MAX_BATCH];
+            CHECK_EQ(ems_conn_exists_many(conn, keys, n, present, CALL_TIMEOUT_MS), 0);
+            for (uint64_t i = 0; i < n; i++)
+                CHECK(present[i] <= 1);
+        } else if (kind < 6) {
+            uint64_t count = 99;
+            CHECK_EQ(ems_conn_match_prefix(conn, keys, n, &count, CALL_TIMEOUT_MS), 0);
+            CHECK(count <= n);
+        } else if (kind < 7) {
+            uint64_t count = 99;
+            CHECK_EQ(ems_conn_prefetch(conn, keys, n, &count, CALL_TIMEOUT_MS), 0);
+            CHECK(count <= n);
+        } else {
+            /* Deleting keeps the pool from holding every tier key, so loads go on. */
+            CHECK_EQ(ems_conn_delete_many(conn, keys, n, results, CALL_TIMEOUT_MS), 0);
+            for (uint64_t i = 0; i < n; i++)
+                CHECK(results[i] == 0 || results[i] == -ENOENT);
+        }
+    }
+
+    ems_conn_close(conn);
+    for (int i = 0; i < MAX_BATCH; i++)
+        free(bufs[i]);
+    atomic_fetch_add(&race->workers_done, 1);
+    return NULL;
+}
+
+static void test_miss_handler_concurrency(long ops)
+{
+    server_fixture_t f;
+    fixture_start(&f);
+    miss_race_t *race = calloc(1, sizeof *race);
+    CHECK(race != NULL);
+    race->fixture = &f;
+    race->ops = ops;
+    tier_init(&race->tier, &f.pool);
+    for (int i = 0; i < MISS_CTXS; i++)
+        tier_ctx_init(&race->ctxs[i], &race->tier);
+
+    miss_worker_t workers[MISS_WORKERS];
+    memset(workers, 0, sizeof workers);
+    for (int i = 0; i < MISS_WORKERS; i++) {
+        workers[i].race = race;
+        workers[i].seed = 0xdef0 + (uint64_t)i;
+        workers[i].local = i % 2;
+        CHECK_EQ(pthread_create(&workers[i].thread, NULL, miss_worker_main, &workers[i]), 0);
+    }
+
+    /* This thread replaces the handler with the next ctx in turn, or with none every
+     * fourth time. Once the call returns, no call runs on the replaced ctx any more, so
+     * that ctx is retired until it is installed again. */
+    int current = -1;
+    for (int next = 0; atomic_load(&race->workers_done) < MISS_WORKERS; next++) {
+        int use = next % 4 == 3 ? -1 : next % MISS_CTXS;
+        if (use < 0) {
+            ems_server_set_miss_handler(f.server, NULL, NULL);
+        } else {
+            atomic_store(&race->ctxs[use].retired, 0);
+            ems_server_set_miss_handler(f.server, tier_handler, &race->ctxs[use]);
+        }
+        if (current >= 0) {
+            CHECK_EQ(atomic_load(&race->ctxs[current].active), 0);
+            atomic_store(&race->ctxs[current].retired, 1);
+        }
+        current = use;
+        struct timespec pause = {0, 1000000};
+        nanosleep(&pause, NULL);
+    }
+    for (int i = 0; i < MISS_WORKERS; i++)
+        CHECK_EQ(pthread_join(workers[i].thread, NULL), 0);
+
+    uint64_t calls = 0;
+    for (int i = 0; i < MISS_CTXS; i++)
+        calls += atomic_load(&race->ctxs[i].calls);
+    ems_server_stats_t stats;
+    ems_server_stats(f.server, &stats);
+    CHECK_EQ(stats.miss_calls, calls);
+    CHECK(calls > 0);
+    CHECK(atomic_load(&race->hits) > 0);
+    CHECK_EQ(stats.errors, 0);
+
+    ems_server_set_miss_handler(f.server, NULL, NULL);
+    for (int i = 0; i < MISS_CTXS; i++)
+        pthread_mutex_destroy(&race->ctxs[i].lock);
+    tier_free(&race->tier);
+    free(race);
+    fixture_stop(&f);
+}
+
+typedef struct blocked_get {
+    ems_conn_t *conn;
+    const tier_t *tier;
+    int rc;
+} blocked_get_t;
+
+static void *blocked_get_main(void *arg)
+{
+    blocked_get_t *g = arg;
+    uint8_t *buf = zeroed(g->tier->length[0]);
+    void *dsts[1] = {buf};
+    uint64_t length = g->tier->length[0];
+    int64_t result;
+    g->rc = ems_conn_get_many(g->conn, g->tier->keys[0], 1, dsts, &length, &result,
+                              CALL_TIMEOUT_MS);
+    free(buf);
+    return NULL;
+}
+
+/* ems_server_stop waits for a handler call in progress, and no call starts after it. */
+static void test_stop_during_miss_handler(void)
+{
+    server_fixture_t f;
+    fixture_start(&f);
+    tier_t tier;
+    tier_init(&tier, &f.pool);
+    tier_ctx_t ctx;
+    tier_ctx_init(&ctx, &tier);
+    _Atomic int stopped = 0;
+    ctx.stopped = &stopped;
+    atomic_store(&ctx.sleep_ms, 300);
+    ems_server_set_miss_handler(f.server, tier_handler, &ctx);
+
+    ems_conn_config_t tcp = tcp_config(&f, "miss", EMS_ROLE_CLIENT);
+    blocked_get_t get = {.conn = open_or_fail(&tcp), .tier = &tier};
+    pthread_t thread;
+    CHECK_EQ(pthread_create(&thread, NULL, blocked_get_main, &get), 0);
+    uint64_t give_up = ems_now_ms() + CALL_TIMEOUT_MS;
+    while (!atomic_load(&ctx.entered)) {
+        CHECK(ems_now_ms() < give_up);
+        struct timespec pause = {0, 1000000};
+        nanosleep(&pause, NULL);
+    }
+
+    uint64_t begin = ems_now_ms();
+    ems_server_stop(f.server);
+    atomic_store(&stopped, 1);
+    f.server = NULL;
+    uint64_t took = ems_now_ms() - begin;
+    CHECK(took < CALL_TIMEOUT_MS);
+    CHECK_EQ(atomic_load(&ctx.active), 0);
+    CHECK_EQ(atomic_load(&ctx.calls), 1);
+    CHECK_EQ(pthread_join(thread, NULL), 0);
+    CHECK(get.rc < 0);   /* the server closed the connection before responding */
+
+    ems_conn_close(get.conn);
+    pthread_mutex_destroy(&ctx.lock);
+    tier_free(&tier);
+    fixture_stop(&f);
+}
+
 /* ---- deadlines against a silent peer ------------------------------------------------ */
 
 #define SHORT_TIMEOUT_MS 300u
@@ -1117,6 +1583,15 @@ int main(int argc, char **argv)
     fprintf(stderr, "[  OK  ] test_concurrent_clients (%llu ms)\n",
             (unsigned long long)(ems_now_ms() - begin));
     RUN_TEST(test_stop_with_open_connections);
+    RUN_TEST(test_miss_handler_serves_lower_tier);
+    long miss_ops = ops / 20 > 100 ? ops / 20 : 100;
+    fprintf(stderr, "[ RUN  ] test_miss_handler_concurrency (%ld requests per thread)\n",
+            miss_ops);
+    begin = ems_now_ms();
+    test_miss_handler_concurrency(miss_ops);
+    fprintf(stderr, "[  OK  ] test_miss_handler_concurrency (%llu ms)\n",
+            (unsigned long long)(ems_now_ms() - begin));
+    RUN_TEST(test_stop_during_miss_handler);
     RUN_TEST(test_open_times_out_on_silent_peer);
     RUN_TEST(test_calls_time_out_after_handshake);
     printf("test_transfer: ok\n");
