@@ -543,7 +543,8 @@ static int op_stats(ems_srv_conn_t *conn, const ems_frame_t *req)
         "\"remote_gets\":%llu,\"remote_get_hits\":%llu,\"remote_puts\":%llu,"
         "\"bytes_in\":%llu,\"bytes_out\":%llu,\"local_puts\":%llu,"
         "\"dir_entries\":%llu,\"dir_lookups\":%llu,\"dir_hits\":%llu,"
-        "\"miss_calls\":%llu,\"miss_keys\":%llu,\"miss_found\":%llu}",
+        "\"miss_calls\":%llu,\"miss_keys\":%llu,\"miss_found\":%llu,"
+        "\"miss_handler\":%d}",
         conn->server->cfg.node_id, (unsigned long long)p.capacity,
         (unsigned long long)p.bytes_used, (unsigned long long)p.bytes_free,
         (unsigned long long)p.blocks, (unsigned long long)p.hits,
@@ -557,7 +558,8 @@ static int op_stats(ems_srv_conn_t *conn, const ems_frame_t *req)
         (unsigned long long)s.local_puts,
         (unsigned long long)s.dir_entries, (unsigned long long)s.dir_lookups,
         (unsigned long long)s.dir_hits, (unsigned long long)s.miss_calls,
-        (unsigned long long)s.miss_keys, (unsigned long long)s.miss_found);
+        (unsigned long long)s.miss_keys, (unsigned long long)s.miss_found,
+        atomic_load_explicit(&conn->server->miss_installed, memory_order_relaxed) ? 1 : 0);
     return respond_ok(conn, req, conn->out, (size_t)len, NULL, 0);
 }
 
