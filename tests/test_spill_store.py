@@ -74,11 +74,12 @@ def test_round_trip_sizes(tmp_path, io_mode, size):
 
 
 def test_many_reads_in_one_batch(tmp_path, io_mode):
-    """One call with more reads than the ring submits at once (URING_DEPTH)."""
-    count = 3 * spill_io.URING_DEPTH + 5
+    """One call with more reads and writes than the store keeps in flight (depth)."""
+    depth = 8
+    count = 3 * depth + 5
     keys = [key(i) for i in range(count)]
     datas = [payload(i, 100 + i) for i in range(count)]
-    with SpillStore(tmp_path, 64 * MiB, io=io_mode) as store:
+    with SpillStore(tmp_path, 64 * MiB, io=io_mode, depth=depth) as store:
         assert all(store.put_many(keys, datas))
         found, buffers = read(store, keys[::-1], [len(d) for d in datas[::-1]])
         assert found == [True] * count
@@ -235,20 +236,29 @@ def test_block_over_quota_rejected(tmp_path, io_mode):
         assert read(store, [key(2)], [100])[0] == [True]
 
 
-class _FullDiskBackend:
-    """Wraps a backend so that writes after the first `allowed` fail with ENOSPC."""
+class _FullDiskBackend(spill_io._Queue):
+    """Wraps a backend so that write requests after the first `allowed` fail with ENOSPC."""
 
     def __init__(self, inner, allowed):
-        self.inner, self.allowed, self.mode = inner, allowed, inner.mode
+        self.inner, self.allowed = inner, allowed
+        self.mode, self.depth = inner.mode, inner.depth
+        self.failed = []  # (tag, OSError) of rejected writes, returned by the next complete()
 
-    def read_many(self, requests):
-        return self.inner.read_many(requests)
+    @property
+    def in_flight(self):
+        return self.inner.in_flight + len(self.failed)
 
-    def write(self, fd, offset, view):
-        if self.allowed == 0:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        self.allowed -= 1
-        self.inner.write(fd, offset, view)
+    def submit(self, op, fd, offset, view, tag):
+        if op == spill_io.WRITE:
+            if self.allowed == 0:
+                self.failed.append((tag, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))))
+                return
+            self.allowed -= 1
+        self.inner.submit(op, fd, offset, view, tag)
+
+    def complete(self):
+        failed, self.failed = self.failed, []
+        return failed + (self.inner.complete() if self.inner.in_flight else [])
 
     def close(self):
         self.inner.close()
@@ -426,3 +436,346 @@ def test_threads_share_store(tmp_path, io_mode):
             thread.join()
         assert errors == []
         assert store.stats()["blocks"] == 200
+
+
+# ---- batched writes ----------------------------------------------------------------------
+
+
+class _SpyBackend(spill_io._Queue):
+    """Wraps a backend and records the most requests it had in flight at once, per op."""
+
+    def __init__(self, inner):
+        self.inner, self.mode, self.depth = inner, inner.mode, inner.depth
+        self.max_in_flight = {spill_io.READ: 0, spill_io.WRITE: 0}
+
+    @property
+    def in_flight(self):
+        return self.inner.in_flight
+
+    def submit(self, op, fd, offset, view, tag):
+        self.inner.submit(op, fd, offset, view, tag)
+        self.max_in_flight[op] = max(self.max_in_flight[op], self.inner.in_flight)
+
+    def complete(self):
+        return self.inner.complete()
+
+    def close(self):
+        self.inner.close()
+
+
+def test_writes_in_flight_bounded_by_depth(tmp_path, io_mode):
+    depth = 4
+    count = 40
+    keys = [key(i) for i in range(count)]
+    datas = [payload(i, 30000 + i) for i in range(count)]
+    with SpillStore(tmp_path, 64 * MiB, io=io_mode, depth=depth) as store:
+        spy = store._backend = _SpyBackend(store._backend)
+        assert store.put_many(keys, datas) == [True] * count
+        found, buffers = read(store, keys, [len(d) for d in datas])
+        assert found == [True] * count
+        assert [bytes(b) for b in buffers] == datas
+        assert store.stats()["depth"] == (depth if io_mode == "uring" else 1)
+    if io_mode == "uring":
+        assert spy.max_in_flight[spill_io.WRITE] == depth
+        assert spy.max_in_flight[spill_io.READ] == depth
+    else:
+        assert spy.max_in_flight[spill_io.WRITE] == 1
+
+    # Writes may finish in any order, but the published file contains the records back to
+    # back and nothing of the size reserved ahead of them.
+    [path] = segments(tmp_path)
+    assert os.path.getsize(path) == sum(fmt.record_bytes(len(d)) for d in datas)
+    with SpillStore(tmp_path, 64 * MiB, io=io_mode) as store:
+        found, buffers = read(store, keys, [len(d) for d in datas])
+        assert found == [True] * count
+        assert [bytes(b) for b in buffers] == datas
+
+
+class _FailingWriteBackend(_FullDiskBackend):
+    """Fails the write request number `fail_at` (0-based, counted over the store's life)."""
+
+    def __init__(self, inner, fail_at, error_number=errno.EIO):
+        super().__init__(inner, allowed=-1)
+        self.fail_at, self.error_number, self.writes = fail_at, error_number, 0
+
+    def submit(self, op, fd, offset, view, tag):
+        if op == spill_io.WRITE:
+            self.writes += 1
+            if self.writes - 1 == self.fail_at:
+                error = OSError(self.error_number, os.strerror(self.error_number))
+                self.failed.append((tag, error))
+                return
+        self.inner.submit(op, fd, offset, view, tag)
+
+
+def test_failed_write_mid_batch_keeps_prefix(tmp_path, io_mode, caplog):
+    caplog.set_level(logging.WARNING, logger="ems.tiering")
+    keys = [key(i) for i in range(12)]
+    datas = [payload(i, 20000) for i in range(12)]
+    with SpillStore(tmp_path, 64 * MiB, io=io_mode, depth=8) as store:
+        store._backend = _FailingWriteBackend(store._backend, fail_at=5)
+        results = store.put_many(keys[:10], datas[:10])
+        # Records after the failed one may be on the file, but none is indexed.
+        assert results == [True] * 5 + [False] * 5
+        stats = store.stats()
+        assert stats["io_errors"] == 1
+        assert stats["spill_failures"] == 5
+        assert stats["spilling"] is True
+        assert store.exists_many(keys[:10]) == [True] * 5 + [False] * 5
+        assert len([r for r in caplog.records if "spill write failed" in r.message]) == 1
+
+        # The next write goes where the failed one was and overwrites what followed it.
+        assert store.put_many(keys[5:12], datas[5:12]) == [True] * 7
+        found, buffers = read(store, keys, [20000] * 12)
+        assert found == [True] * 12
+        assert [bytes(b) for b in buffers] == datas
+
+    with SpillStore(tmp_path, 64 * MiB, io=io_mode) as store:
+        assert store.stats()["blocks"] == 12
+        found, buffers = read(store, keys, [20000] * 12)
+        assert found == [True] * 12
+        assert [bytes(b) for b in buffers] == datas
+
+
+def test_records_after_hole_not_indexed(tmp_path, io_mode):
+    """Writes in flight finish in any order, so a crash can leave a later record on the file
+    behind one that never landed. The scan stops at the hole and later records are lost."""
+    path, keys, datas = _three_blocks(tmp_path, io_mode)
+    record = fmt.record_bytes(10000)
+    with open(path, "r+b") as f:
+        f.seek(record)
+        f.write(bytes(record))
+
+    with SpillStore(tmp_path, 64 * MiB, io=io_mode) as store:
+        assert store.exists_many(keys) == [True, False, False]
+        found, buffers = read(store, keys, [10000] * 3)
+        assert found == [True, False, False]
+        assert bytes(buffers[0]) == datas[0]
+        assert bytes(buffers[2]) == b"\xaa" * 10000
+
+
+def test_direct_io_refused_logged_once(tmp_path, io_mode, monkeypatch, caplog):
+    """A file system that rejects O_DIRECT with EINVAL gets buffered I/O and one warning."""
+    real_open = os.open
+
+    def open_without_direct(path, flags, *args, **kwargs):
+        if flags & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", open_without_direct)
+    caplog.set_level(logging.WARNING, logger="ems.tiering")
+    keys = [key(i) for i in range(30)]
+    datas = [payload(i, 50000) for i in range(30)]
+    with SpillStore(tmp_path, 64 * MiB, io=io_mode, segment_bytes=256 * 1024) as store:
+        assert all(store.put_many(keys, datas))
+        found, buffers = read(store, keys, [50000] * 30)
+        assert found == [True] * 30
+        assert [bytes(b) for b in buffers] == datas
+        stats = store.stats()
+        assert stats["direct_io"] is False
+        assert stats["io_mode"] == io_mode
+    assert len(segments(tmp_path)) > 1
+    warnings = [r for r in caplog.records if "O_DIRECT is not supported" in r.message]
+    assert len(warnings) == 1
+
+
+def test_direct_io_reported(tmp_path, io_mode):
+    with SpillStore(tmp_path, 8 * MiB, io=io_mode) as store:
+        store.put_many([key(1)], [payload(1, 5000)])
+        stats = store.stats()
+        assert stats["io_mode"] == io_mode
+        assert isinstance(stats["direct_io"], bool)
+
+
+# ---- delete and compaction ---------------------------------------------------------------
+
+RECORD = 16384  # bytes of one record below
+SIZE = RECORD - fmt.HEADER_BYTES  # a payload that fills one record exactly
+PER_SEGMENT = 16  # records per segment with segment_bytes = 256 KiB
+
+
+def _fill(store, count):
+    """Put count blocks; return keys and payloads. Segments fill in key order."""
+    keys = [key(i) for i in range(count)]
+    datas = [payload(i, SIZE) for i in range(count)]
+    assert all(store.put_many(keys, datas))
+    return keys, datas
+
+
+def _check_blocks(store, keys, datas):
+    found, buffers = read(store, keys, [SIZE] * len(keys))
+    assert found == [True] * len(keys)
+    for buffer, data in zip(buffers, datas):
+        assert bytes(buffer) == data
+
+
+def _compacting_store(directory, io_mode, **kwargs):
+    return SpillStore(directory, 64 * MiB, io=io_mode, segment_bytes=PER_SEGMENT * RECORD,
+                      **kwargs)
+
+
+def test_delete_many(tmp_path, io_mode):
+    with _compacting_store(tmp_path, io_mode) as store:
+        keys, datas = _fill(store, 4)
+        assert store.delete_many([keys[1], key(99), keys[1]]) == [True, False, False]
+        assert store.exists_many(keys) == [True, False, True, True]
+        found, buffers = read(store, keys, [SIZE] * 4)
+        assert found == [True, False, True, True]
+        assert bytes(buffers[1]) == b"\xaa" * SIZE
+        stats = store.stats()
+        assert stats["deleted_blocks"] == 1
+        assert stats["dead_bytes"] == RECORD
+        # A deleted key can be stored again.
+        assert store.put_many([keys[1]], [datas[1]]) == [True]
+        _check_blocks(store, keys, datas)
+
+
+def test_compaction_keeps_live_blocks(tmp_path, io_mode):
+    with _compacting_store(tmp_path, io_mode) as store:
+        keys, datas = _fill(store, 3 * PER_SEGMENT + 4)  # 3 published segments + active
+        oldest = segments(tmp_path)[0]
+        before = store.stats()["bytes"]
+
+        # Just under half of the oldest segment dead: nothing moves.
+        dead = list(range(0, PER_SEGMENT, 2))[:PER_SEGMENT // 2 - 1]
+        store.delete_many([keys[i] for i in dead])
+        assert store.stats()["compacted_segments"] == 0
+        assert os.path.exists(oldest)
+
+        # Half dead: its live records move to a new segment and the file goes.
+        dead.append(PER_SEGMENT - 2)
+        assert store.delete_many([keys[PER_SEGMENT - 2]]) == [True]
+        stats = store.stats()
+        assert stats["compacted_segments"] == 1
+        assert stats["compacted_blocks"] == PER_SEGMENT // 2
+        assert not os.path.exists(oldest)
+        assert stats["bytes"] == before - len(dead) * RECORD
+        assert stats["dead_bytes"] == 0
+        assert stats["spills"] == 3 * PER_SEGMENT + 4
+
+        live = [i for i in range(len(keys)) if i not in dead]
+        _check_blocks(store, [keys[i] for i in live], [datas[i] for i in live])
+        assert store.exists_many([keys[i] for i in dead]) == [False] * len(dead)
+
+    on_disk = sum(os.path.getsize(p) for p in segments(tmp_path))
+    assert on_disk == (len(keys) - len(dead)) * RECORD
+    with _compacting_store(tmp_path, io_mode) as store:
+        assert store.stats()["blocks"] == len(live)
+        _check_blocks(store, [keys[i] for i in live], [datas[i] for i in live])
+        assert store.exists_many([keys[i] for i in dead]) == [False] * len(dead)
+
+
+def test_compaction_of_fully_dead_segment(tmp_path, io_mode):
+    with _compacting_store(tmp_path, io_mode) as store:
+        keys, datas = _fill(store, 2 * PER_SEGMENT)
+        oldest = segments(tmp_path)[0]
+        store.delete_many(keys[:PER_SEGMENT])
+        stats = store.stats()
+        assert not os.path.exists(oldest)
+        assert stats["compacted_segments"] == 1
+        assert stats["compacted_blocks"] == 0
+        assert stats["dead_bytes"] == 0
+        _check_blocks(store, keys[PER_SEGMENT:], datas[PER_SEGMENT:])
+
+
+def test_compaction_threshold_setting(tmp_path, io_mode):
+    with _compacting_store(tmp_path, io_mode, compact_dead_fraction=0.25) as store:
+        keys, datas = _fill(store, 2 * PER_SEGMENT)
+        store.delete_many(keys[:PER_SEGMENT // 4 - 1])
+        assert store.stats()["compacted_segments"] == 0
+        store.delete_many([keys[PER_SEGMENT // 4 - 1]])
+        assert store.stats()["compacted_segments"] == 1
+        _check_blocks(store, keys[PER_SEGMENT // 4:], datas[PER_SEGMENT // 4:])
+
+
+def test_compaction_skipped_without_quota_room(tmp_path, io_mode):
+    quota = 2 * PER_SEGMENT * RECORD + 4 * RECORD
+    with SpillStore(tmp_path, quota, io=io_mode, segment_bytes=PER_SEGMENT * RECORD) as store:
+        keys, datas = _fill(store, 2 * PER_SEGMENT + 2)
+        # 10 live records of the oldest segment would not fit next to the others.
+        store.delete_many(keys[:PER_SEGMENT - 10])
+        assert store.stats()["compacted_segments"] == 0
+        _check_blocks(store, keys[PER_SEGMENT - 10:], datas[PER_SEGMENT - 10:])
+        assert store.stats()["bytes"] <= quota
+
+
+def test_compaction_only_own_segments(tmp_path, io_mode):
+    with _compacting_store(tmp_path, io_mode) as writer:
+        keys, datas = _fill(writer, PER_SEGMENT)
+    [theirs] = segments(tmp_path)
+    with _compacting_store(tmp_path, io_mode) as store:
+        store.delete_many(keys)
+        assert store.compact() == 0
+        assert os.path.exists(theirs)
+        assert store.stats()["dead_bytes"] == PER_SEGMENT * RECORD
+
+
+class _Crash(BaseException):
+    """Raised where the process would die. It derives from BaseException, so no store code
+    catches it."""
+
+
+def test_crash_before_compacted_segment_published(tmp_path, io_mode, monkeypatch):
+    store = _compacting_store(tmp_path, io_mode)
+    keys, datas = _fill(store, 2 * PER_SEGMENT + 1)  # 2 published segments + 1 unpublished
+    oldest = segments(tmp_path)[0]
+    real_rename = os.rename
+
+    def crash_on_publish(source, destination):
+        if source.endswith(fmt.TEMP_SUFFIX):
+            raise _Crash
+        real_rename(source, destination)
+
+    monkeypatch.setattr(os, "rename", crash_on_publish)
+    with pytest.raises(_Crash):
+        store.delete_many(keys[:PER_SEGMENT // 2])
+    monkeypatch.setattr(os, "rename", real_rename)
+
+    # The live records were written to a temporary segment that never got published, and
+    # the old segment is intact. Deletes are not on disk, so the deleted blocks come back.
+    temps = [n for n in os.listdir(tmp_path) if n.endswith(fmt.TEMP_SUFFIX)]
+    assert len(temps) == 1
+    assert os.path.exists(oldest)
+    with _compacting_store(tmp_path, io_mode) as survivor:
+        assert survivor.stats()["blocks"] == 2 * PER_SEGMENT
+        _check_blocks(survivor, keys[:2 * PER_SEGMENT], datas[:2 * PER_SEGMENT])
+    store._backend.close()
+
+
+def test_crash_after_compacted_segment_published(tmp_path, io_mode, monkeypatch):
+    store = _compacting_store(tmp_path, io_mode)
+    keys, datas = _fill(store, 2 * PER_SEGMENT + 1)
+    oldest = segments(tmp_path)[0]
+    real_unlink = os.unlink
+
+    def crash_on_delete(path, *args, **kwargs):
+        if path == oldest:
+            raise _Crash
+        real_unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "unlink", crash_on_delete)
+    with pytest.raises(_Crash):
+        store.delete_many(keys[:PER_SEGMENT // 2])
+    monkeypatch.setattr(os, "unlink", real_unlink)
+
+    # The copy is published and the old file is still there: live keys are in both, and
+    # the index keeps the newer copy.
+    assert os.path.exists(oldest)
+    assert len(segments(tmp_path)) == 3
+    with _compacting_store(tmp_path, io_mode) as survivor:
+        assert survivor.stats()["blocks"] == 2 * PER_SEGMENT + 1
+        _check_blocks(survivor, keys, datas)
+        assert survivor.stats()["dead_bytes"] == (PER_SEGMENT // 2) * RECORD
+    store._backend.close()
+
+
+def test_invalid_store_settings(tmp_path):
+    with pytest.raises(ValueError, match="depth"):
+        SpillStore(tmp_path, MiB, io="posix", depth=0)
+    with pytest.raises(ValueError, match="depth"):
+        SpillStore(tmp_path, MiB, io="posix", depth=spill_io.MAX_DEPTH + 1)
+    with pytest.raises(ValueError, match="compact_dead_fraction"):
+        SpillStore(tmp_path, MiB, io="posix", compact_dead_fraction=0)
+    with pytest.raises(ValueError, match="compact_dead_fraction"):
+        SpillStore(tmp_path, MiB, io="posix", compact_dead_fraction=1.5)

@@ -28,6 +28,9 @@ _HEADER = struct.Struct("<4sHH32sQII")
 HEADER_BYTES = _HEADER.size
 _HEADER_CRC_SPAN = HEADER_BYTES - 4
 
+# Source of the zero padding after a payload (less than ALIGN bytes).
+_ZEROS = bytes(ALIGN)
+
 SUFFIX = ".seg"
 TEMP_SUFFIX = ".seg.tmp"
 
@@ -53,15 +56,18 @@ def record_bytes(length: int) -> int:
 
 
 def pack_record(view: memoryview, key: bytes, data) -> None:
-    """Write the header and payload of one record into view, which must be zero-filled.
+    """Write one record (header, payload and zero padding) into view.
 
-    view must be exactly record_bytes(len(data)) long; the padding is left as it is.
+    view must be exactly record_bytes(len(data)) long. It may hold an earlier record, because
+    every byte of it is overwritten.
     """
     payload = memoryview(data).cast("B")
     head = bytearray(_HEADER.pack(MAGIC, VERSION, 0, key, payload.nbytes, crc32c(payload), 0))
     struct.pack_into("<I", head, _HEADER_CRC_SPAN, crc32c(memoryview(head)[:_HEADER_CRC_SPAN]))
+    end = HEADER_BYTES + payload.nbytes
     view[:HEADER_BYTES] = head
-    view[HEADER_BYTES:HEADER_BYTES + payload.nbytes] = payload
+    view[HEADER_BYTES:end] = payload
+    view[end:] = _ZEROS[:len(view) - end]
 
 
 def parse_header(view: memoryview) -> Header | None:
