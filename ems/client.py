@@ -41,7 +41,9 @@ PEER_BACKOFF_S = 1.0          # a failed peer is skipped this long before a new 
 def connect(mode: str | None = None, *, capacity_bytes: int | None = None,
             socket_path: str | None = None, zookeeper: str | None = None,
             peers: str | None = None, cluster: str = "default", secret: bytes | None = None,
-            tenant: str | None = None, timeout_ms: int = 1000, **pool_options):
+            tenant: str | None = None, timeout_ms: int = 1000, spill_dir: str | None = None,
+            spill_bytes: int | None = None, spill_io: str = "auto", eviction: str = "clock",
+            **pool_options):
     """Return a client. Settings left out come from the environment:
 
     mode            EMS_MODE: "embedded" (a pool in this process), "local" (the daemon on
@@ -50,6 +52,12 @@ def connect(mode: str | None = None, *, capacity_bytes: int | None = None,
                     ZooKeeper or peers are given, "local" when a socket is, else "embedded".
     secret          EMS_SECRET, or the contents of the file EMS_SECRET_FILE.
     tenant          EMS_TENANT, default "default".
+    spill_dir       embedded mode: EMS_SPILL_DIR, a directory for the spill tier (blocks
+                    evicted from DRAM go there and come back on a hit); none by default.
+    spill_bytes     EMS_SPILL_BYTES, the spill directory's quota (required with spill_dir).
+    spill_io        "auto" (io_uring, else preadv/pwritev), "uring" or "posix".
+    eviction        "clock" or "session" (see ems.tiering.SpillTier).
+    A daemon's spill tier is set on `ems serve`, not here.
     """
     env = os.environ
     socket_path = socket_path or env.get("EMS_SOCKET") or None
@@ -71,7 +79,22 @@ def connect(mode: str | None = None, *, capacity_bytes: int | None = None,
     if mode == "embedded":
         if capacity_bytes is None:
             raise ValueError("embedded mode needs capacity_bytes (the pool size in bytes)")
-        return EmbeddedClient(Pool(capacity_bytes, **pool_options))
+        spill_dir = spill_dir or env.get("EMS_SPILL_DIR") or None
+        if spill_bytes is None and env.get("EMS_SPILL_BYTES"):
+            spill_bytes = int(env["EMS_SPILL_BYTES"])
+        if spill_dir and not spill_bytes:
+            raise ValueError("spill_dir needs spill_bytes (or EMS_SPILL_BYTES): the quota "
+                             "of the spill directory in bytes")
+        pool = Pool(capacity_bytes, **pool_options)
+        if not spill_dir:
+            return EmbeddedClient(pool)
+        from ems.tiering.tier import open_tier
+        try:
+            tier = open_tier(pool, spill_dir, spill_bytes, io=spill_io, policy=eviction)
+        except BaseException:
+            pool.close()
+            raise
+        return EmbeddedClient(pool, tier)
     if mode == "local":
         if not socket_path:
             raise ValueError("local mode needs socket_path (or EMS_SOCKET): the daemon's "
@@ -130,12 +153,14 @@ class _AsyncCalls:
 
 
 class EmbeddedClient(_AsyncCalls):
-    """The client API over an ems.Pool owned by this process."""
+    """The client API over an ems.Pool owned by this process, with an optional spill tier
+    (ems.tiering.SpillTier) under it: DRAM misses then read from disk and promote."""
 
     mode = "embedded"
 
-    def __init__(self, pool: Pool):
+    def __init__(self, pool: Pool, tier=None):
         self.pool = pool
+        self.tier = tier
 
     def put(self, key, data) -> bool:
         return self.pool.put(key, data)
@@ -144,35 +169,74 @@ class EmbeddedClient(_AsyncCalls):
         return self.pool.put_many(keys, datas)
 
     def get_into(self, key, buffer) -> bool:
-        return self.pool.get_into(key, buffer)
+        return self.get_many_into([key], [buffer])[0]
 
     def get_many_into(self, keys, buffers) -> list[bool]:
-        return self.pool.get_many_into(keys, buffers)
+        found = self.pool.get_many_into(keys, buffers)
+        if self.tier is None or all(found):
+            return found
+        keys, buffers = _key_list(keys), _buffer_list(buffers, len(found))
+        missed = [i for i, hit in enumerate(found) if not hit]
+        below = self.tier.read_into([keys[i] for i in missed], [buffers[i] for i in missed])
+        for i, hit in zip(missed, below):
+            found[i] = hit
+        return found
 
     def exists(self, key) -> bool:
-        return self.pool.exists(key)
+        return self.exists_many([key])[0]
 
     def exists_many(self, keys) -> list[bool]:
-        return self.pool.exists_many(keys)
+        present = self.pool.exists_many(keys)
+        if self.tier is None or all(present):
+            return present
+        keys = _key_list(keys)
+        missed = [i for i, hit in enumerate(present) if not hit]
+        for i, hit in zip(missed, self.tier.probe([keys[i] for i in missed])):
+            present[i] = hit
+        return present
 
     def match_prefix(self, keys) -> int:
-        return self.pool.match_prefix(keys)
+        matched = self.pool.match_prefix(keys)
+        keys = _key_list(keys)
+        if self.tier is None or matched == len(keys):
+            return matched
+        # A chain may continue through blocks in DRAM and on disk, in any mix.
+        rest = self.exists_many(keys[matched:])
+        return matched + (rest.index(False) if False in rest else len(rest))
+
+    def prefetch(self, keys, *, protect: bool = False) -> int:
+        """Start moving the keys' blocks from the spill tier into DRAM and return at once
+        (see SpillTier.prefetch). Returns how many reads were queued; 0 without a tier."""
+        if self.tier is None:
+            return 0
+        return self.tier.prefetch(_key_list(keys), protect=protect)
 
     def delete(self, key) -> bool:
-        return self.pool.delete(key)
+        in_dram = self.pool.delete(key)
+        on_disk = self.tier is not None and self.tier.store.delete_many([bytes(key)])[0]
+        return in_dram or on_disk
 
     def protect(self, keys) -> int:
         return self.pool.protect(keys)
 
     def unprotect(self, keys) -> int:
+        if self.tier is not None:
+            return self.tier.unprotect(_key_list(keys))
         return self.pool.unprotect(keys)
 
     def stats(self) -> dict:
-        return {"mode": self.mode, "pool": self.pool.stats()}
+        out = {"mode": self.mode, "pool": self.pool.stats()}
+        if self.tier is not None:
+            out["spill"] = self.tier.stats()
+        return out
 
     def close(self) -> None:
         self._close_executor()
-        self.pool.close()
+        try:
+            if self.tier is not None:
+                self.tier.close()
+        finally:
+            self.pool.close()
 
     def __enter__(self):
         return self
@@ -234,12 +298,14 @@ class ClusterClient(_AsyncCalls):
         self.tenant = tenant
         self.timeout_ms = timeout_ms
         self.mode = "cluster" if membership is not None else "local"
-        self.counters = dict(local_hits=0, remote_hits=0, misses=0, local_puts=0,
+        self.counters = dict(local_hits=0, local_tier_hits=0, remote_hits=0, misses=0,
+                             local_puts=0,
                              remote_puts=0, put_refused=0, peer_errors=0)
         self._peers: dict[str, _Peer] = {}
         self._lock = threading.Lock()
         self._local_lock = threading.Lock()
         self._local = None
+        self._local_tier = False    # the local daemon has a spill tier
         self._reader = None
         self._socket_path = None
         self._local_retry_at = 0.0      # monotonic time of the next attach attempt
@@ -300,6 +366,8 @@ class ClusterClient(_AsyncCalls):
             local.close()
             raise
         self._local, self._reader, self._socket_path = local, reader, socket_path
+        # Misses of shared memory are asked of the daemon only when it has a tier below DRAM.
+        self._local_tier = bool(stats.get("miss_handler"))
         self._local_holder = int(stats["node_id"])
         if self.membership is not None:
             for record in self.membership.nodes().values():
@@ -338,6 +406,15 @@ class ClusterClient(_AsyncCalls):
         try:
             return getattr(reader, method)(*args)
         except PoolClosedError:
+            return None
+
+    def _local_call(self, method: str, *args):
+        """Call the local daemon over its Unix socket; None (logged) when that fails."""
+        try:
+            with self._local_lock:
+                return getattr(self._local, method)(*args, timeout_ms=self.timeout_ms)
+        except TransferError as exc:
+            self._note_error(f"{method} at the local daemon", exc)
             return None
 
     def _nodes(self) -> dict[str, NodeRecord]:
@@ -388,6 +465,15 @@ class ClusterClient(_AsyncCalls):
             hits = self._read_local("get_many_into", stored, list(buffers)) or hits
             self.counters["local_hits"] += sum(hits)
         missing = [i for i, hit in enumerate(hits) if not hit]
+        if missing and self._local_tier:
+            # The daemon's spill tier: its GET reads what DRAM lacks from disk.
+            results = self._local_call("get_many_into", [keys[i] for i in missing],
+                                       [buffers[i] for i in missing]) or []
+            _check_sizes(keys, buffers, missing, results)
+            for i, r in zip(missing, results):
+                hits[i] = r > 0
+            self.counters["local_tier_hits"] += sum(1 for r in results if r > 0)
+            missing = [i for i, hit in enumerate(hits) if not hit]
         if missing and self.membership is not None:
             for i in self._fetch_remote([keys[i] for i in missing],
                                         [buffers[i] for i in missing]):
@@ -413,11 +499,7 @@ class ClusterClient(_AsyncCalls):
                 except TransferError as exc:
                     self._note_error(f"GET from node {record.node_id}", exc)
                     break
-                for i, r in zip(chunk, results):
-                    if r == -errno.EMSGSIZE:
-                        raise BufferSizeError(
-                            f"destination buffer of {memoryview(buffers[i]).nbytes} bytes does "
-                            f"not match the block stored under key {keys[i].hex()}")
+                _check_sizes(keys, buffers, chunk, results)
                 fetched.extend(i for i, r in zip(chunk, results) if r > 0)
         self.counters["remote_hits"] += len(fetched)
         return fetched
@@ -453,6 +535,11 @@ class ClusterClient(_AsyncCalls):
             stored = _core.tenant_keys(self.tenant, keys)
             present = self._read_local("exists_many", stored) or present
         missing = [i for i, p in enumerate(present) if not p]
+        if missing and self._local_tier:
+            below = self._local_call("exists_many", [keys[i] for i in missing]) or []
+            for i, p in zip(missing, below):
+                present[i] = bool(p)
+            missing = [i for i, p in enumerate(present) if not p]
         if missing and self.membership is not None:
             holders = self._lookup([keys[i] for i in missing])
             for i, holder in zip(missing, holders):
@@ -467,12 +554,22 @@ class ClusterClient(_AsyncCalls):
         local = 0
         if self._reader is not None:
             local = self._read_local("match_prefix", _core.tenant_keys(self.tenant, keys)) or 0
+        if local < len(keys) and self._local_tier:
+            local += self._local_call("match_prefix", keys[local:]) or 0
         if local == len(keys) or self.membership is None:
             return local
         rest = [int(h) != HOLDER_NONE for h in self._lookup(keys[local:])]
         if False in rest:
             return local + rest.index(False)
         return local + len(rest)
+
+    def prefetch(self, keys) -> int:
+        """Ask the local daemon to start reading the keys' blocks from its spill tier into
+        DRAM, and return at once. Returns how many keys are in DRAM or on their way.
+        NOTE: only the local daemon prefetches; without one this returns 0."""
+        if self._local is None:
+            return 0
+        return self._local_call("prefetch", _key_list(keys)) or 0
 
     # -- writes --
 
@@ -641,6 +738,24 @@ def _key_list(keys) -> list[bytes]:
             raise ValueError(f"batch of keys is {len(data)} bytes, not a multiple of 32")
         return [data[i:i + 32] for i in range(0, len(data), 32)]
     return list(keys)
+
+
+def _check_sizes(keys, buffers, indices, results) -> None:
+    """Raise BufferSizeError for the first GET result that says the buffer is the wrong size."""
+    for i, r in zip(indices, results):
+        if r == -errno.EMSGSIZE:
+            raise BufferSizeError(
+                f"destination buffer of {memoryview(buffers[i]).nbytes} bytes does "
+                f"not match the block stored under key {keys[i].hex()}")
+
+
+def _buffer_list(buffers, n: int) -> list:
+    """One buffer per key: a list as given, or one buffer split evenly (as Pool does)."""
+    if isinstance(buffers, (list, tuple)):
+        return list(buffers)
+    view = memoryview(buffers).cast("B")
+    per = len(view) // n
+    return [view[i * per:(i + 1) * per] for i in range(n)]
 
 
 def _chunks(indices: list[int], sizes: list[int]):

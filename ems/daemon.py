@@ -29,6 +29,7 @@ from ems.cluster.membership import (NodeRecord, check_own_entry, open_membership
 from ems.errors import TransferError
 from ems.metrics import start_metrics
 from ems.pool import Pool, run_dir
+from ems.tiering.tier import open_tier
 
 logger = logging.getLogger("ems.daemon")
 
@@ -60,6 +61,10 @@ class DaemonConfig:
     max_connections: int = 256
     io_timeout_ms: int = 30000
     peer_timeout_ms: int = 1000
+    spill_dir: str | None = None          # spill tier directory; None: DRAM only
+    spill_bytes: int | None = None        # its quota
+    spill_io: str = "auto"
+    spill_shared: bool = False            # other nodes write the same directory
 
 
 class Daemon:
@@ -69,6 +74,7 @@ class Daemon:
     def __init__(self, config: DaemonConfig):
         self.config = config
         self.pool = None
+        self.tier = None
         self.server = None
         self.membership = None
         self.metrics = None
@@ -106,12 +112,17 @@ class Daemon:
         holder = NodeRecord(node_id=cfg.node_id, host=cfg.advertise_host or cfg.host,
                             port=1).holder_id()
         try:
+            if cfg.spill_dir:
+                self.tier = open_tier(self.pool, cfg.spill_dir, cfg.spill_bytes,
+                                      io=cfg.spill_io, shared=cfg.spill_shared)
             self.server = _core.Server(self.pool, host=cfg.host, port=cfg.port,
                                        unix_path=socket_path, secret=cfg.secret,
                                        node_id=holder, max_connections=cfg.max_connections,
                                        io_timeout_ms=cfg.io_timeout_ms)
+            if self.tier is not None:
+                self.server.set_miss_handler(self.tier.miss_handler)
         except Exception:
-            self.pool.close()
+            self._close_storage()
             raise
         self.socket_path = socket_path
         stats = self.pool.stats()
@@ -126,7 +137,7 @@ class Daemon:
                 self.metrics = start_metrics(self, cfg.metrics_host, cfg.metrics_port)
             except OSError as exc:
                 self.server.stop()
-                self.pool.close()
+                self._close_storage()
                 raise OSError(exc.errno, f"cannot serve metrics on {cfg.metrics_host}:"
                                          f"{cfg.metrics_port}: {exc.strerror}") from None
             self.record = replace(self.record, metrics_port=self.metrics.port)
@@ -134,9 +145,11 @@ class Daemon:
         self.membership.add_listener(self._on_members)
         self._pump_thread = threading.Thread(target=self._pump, name="ems-pump", daemon=True)
         self._pump_thread.start()
-        logger.info("node %s serving %d bytes (%s pages) on %s:%d and %s; metrics on %s; "
-                    "membership: %s", cfg.node_id, stats["capacity_bytes"],
+        logger.info("node %s serving %d bytes (%s pages) on %s:%d and %s; spill tier: %s; "
+                    "metrics on %s; membership: %s", cfg.node_id, stats["capacity_bytes"],
                     self.pool.page_kind, cfg.host, self.server.port, socket_path,
+                    f"{cfg.spill_dir} ({cfg.spill_bytes} bytes, "
+                    f"{self.tier.store.stats()['io_mode']})" if self.tier else "none",
                     f"{cfg.metrics_host}:{self.metrics.port}" if self.metrics else "nowhere",
                     f"ZooKeeper {cfg.zookeeper}" if cfg.zookeeper else
                     f"static peers ({len(self.membership.nodes())} nodes)")
@@ -155,9 +168,18 @@ class Daemon:
             self.server.stop()
         if self.metrics is not None:
             self.metrics.stop()
-        if self.pool is not None:
-            self.pool.close()
+        self._close_storage()
         logger.info("node %s stopped", self.config.node_id)
+
+    def _close_storage(self) -> None:
+        """Close the spill tier (publishing its open segment), then the pool. The server
+        must be stopped first: its miss handler reads the tier."""
+        try:
+            if self.tier is not None:
+                self.tier.close()
+        finally:
+            if self.pool is not None:
+                self.pool.close()
 
     def run(self) -> None:
         """Start, serve until SIGTERM or SIGINT, then stop cleanly."""

@@ -62,15 +62,65 @@ class _Collector:
              sources["server"]["dir_entries"]),
             ("ems_cluster_nodes", "Nodes in the membership this node sees", len(daemon.nodes)),
         ]
+        tier = daemon.tier.stats() if daemon.tier is not None else None
+        disk = {} if tier is None else {
+            "ems_pool_capacity_bytes": tier["store"]["quota_bytes"],
+            "ems_pool_used_bytes": tier["store"]["bytes"],
+            "ems_pool_blocks": tier["store"]["blocks"]}
         for name, text, value in gauges:
             family = GaugeMetricFamily(name, text, labels=["node", "tier"] if "pool" in name
                                        else ["node"])
             family.add_metric([node, "dram"] if "pool" in name else [node], value)
+            if name in disk:
+                family.add_metric([node, "disk"], disk[name])
             yield family
+        if tier is not None:
+            yield from _tier_metrics(node, pool, tier)
         info = InfoMetricFamily("ems_node", "Version, protocol range and page kind of the node")
         info.add_metric([], {"node": node, "version": ems.__version__, "protocol_min": "1",
                              "protocol_max": "1", "page_kind": pool["page_kind"]})
         yield info
+
+
+# (metric name, help, field of SpillTier.stats() or of its "store" dict) per tier counter.
+_TIER_COUNTERS = [
+    ("ems_tier_hits", "Misses of DRAM read from the spill tier", "tier", "hits"),
+    ("ems_tier_misses", "Misses of DRAM the spill tier did not have either", "tier", "misses"),
+    ("ems_tier_promotions", "Blocks copied from the spill tier back into DRAM", "tier",
+     "promotions"),
+    ("ems_tier_spills", "Blocks written to the spill tier", "tier", "spills"),
+    ("ems_tier_prefetched", "Blocks read into DRAM ahead of use by prefetch", "tier",
+     "prefetched"),
+    ("ems_tier_checksum_failures", "Spilled records whose checksum or key did not match",
+     "store", "checksum_failures"),
+    ("ems_tier_io_errors", "Spill tier reads or writes that failed", "store", "io_errors"),
+    ("ems_tier_enospc", "Times the spill directory was found full", "store", "enospc"),
+]
+
+
+def _tier_metrics(node: str, pool: dict, tier: dict):
+    """Counters of the spill tier, labelled tier="disk"; its capacity, use and blocks are
+    the tier="disk" samples of the ems_pool_* gauges."""
+    sources = {"tier": tier, "store": tier["store"]}
+    for name, text, source, field in _TIER_COUNTERS:
+        family = CounterMetricFamily(name, text, labels=["node", "tier"])
+        family.add_metric([node, "disk"], sources[source].get(field, 0))
+        yield family
+    dropped = CounterMetricFamily("ems_tier_spill_dropped",
+                                  "Blocks evicted from DRAM that could not be spilled "
+                                  "(the eviction ring was full)", labels=["node", "tier"])
+    dropped.add_metric([node, "disk"], pool.get("spill_dropped", 0))
+    yield dropped
+    store = tier["store"]
+    spilling = GaugeMetricFamily("ems_tier_spilling",
+                                 "1 while the tier accepts blocks, 0 after ENOSPC",
+                                 labels=["node", "tier"])
+    spilling.add_metric([node, "disk"], int(store["spilling"]))
+    yield spilling
+    mode = InfoMetricFamily("ems_tier_io", "I/O path of the spill tier")
+    mode.add_metric([], {"node": node, "tier": "disk", "mode": store["io_mode"],
+                         "direct": str(store.get("direct_io", False)).lower()})
+    yield mode
 
 
 class _QuietHandler(WSGIRequestHandler):

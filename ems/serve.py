@@ -62,6 +62,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cluster", default=os.environ.get("EMS_CLUSTER", "default"),
                    help="cluster name in ZooKeeper (default: EMS_CLUSTER or 'default')")
 
+    p.add_argument("--spill-dir", default=os.environ.get("EMS_SPILL_DIR"),
+                   help="directory for the spill tier: blocks evicted from DRAM are written "
+                        "there and read back on a miss; survives restarts (default: "
+                        "EMS_SPILL_DIR; none: DRAM only)")
+    p.add_argument("--spill-size", default=os.environ.get("EMS_SPILL_SIZE"),
+                   help="quota of the spill directory, e.g. 100G (required with --spill-dir; "
+                        "default: EMS_SPILL_SIZE)")
+    p.add_argument("--spill-io", default="auto", choices=["auto", "uring", "posix"],
+                   help="spill I/O: io_uring, else preadv/pwritev (auto, the default)")
+    p.add_argument("--spill-shared", action="store_true",
+                   help="the spill directory is shared with other nodes (an NFS-like mount): "
+                        "misses rescan it for their segments")
+
     p.add_argument("--secret-file", default=None,
                    help="file holding the cluster secret (default: EMS_SECRET or "
                         "EMS_SECRET_FILE; none means no authentication)")
@@ -90,6 +103,13 @@ def main(argv: list[str] | None = None) -> int:
         if slab and capacity < slab:
             raise ValueError(f"--capacity {args.capacity} is smaller than one slab "
                              f"(--slab-size {args.slab_size})")
+        spill_bytes = None
+        if args.spill_dir:
+            if not args.spill_size:
+                raise ValueError("--spill-dir needs --spill-size, the directory's quota")
+            spill_bytes = parse_size(args.spill_size)
+        elif args.spill_size or args.spill_shared:
+            raise ValueError("--spill-size and --spill-shared need --spill-dir")
         if args.secret_file:
             with open(args.secret_file, "rb") as f:
                 secret = f.read().strip()
@@ -105,7 +125,9 @@ def main(argv: list[str] | None = None) -> int:
         metrics_host=args.metrics_host,
         metrics_port=None if args.metrics_port < 0 else args.metrics_port,
         pages=args.pages, slab_size=slab, zookeeper=args.zookeeper, peers=args.peers,
-        cluster=args.cluster, secret=secret, max_connections=args.max_connections)
+        cluster=args.cluster, secret=secret, max_connections=args.max_connections,
+        spill_dir=args.spill_dir, spill_bytes=spill_bytes, spill_io=args.spill_io,
+        spill_shared=args.spill_shared)
     try:
         Daemon(config).run()
     except Exception as exc:   # a clear last line for the operator, then a failing exit

@@ -60,14 +60,22 @@ def main():
         turns.append(records)
         llm.reset_prefix_cache()
 
-    stats = None
-    if args["pool_name"] and not args.get("extra"):
+    stats = spill = None
+    extra = args.get("extra") or {}
+    if args["pool_name"] and (not extra or extra.get("pool_name")):
         import ems
 
         reader = ems.Pool.attach(args["pool_name"])
         stats = {k: v for k, v in reader.stats().items() if isinstance(v, (int, float, str))}
         reader.close()
-    result = {"block_size": block_size, "turns": turns, "stats": stats,
+    if extra.get("spill_dir"):
+        from ems.tiering.store import SpillStore
+        from ems.tiering.tier import IDLE_PUBLISH_S
+
+        time.sleep(2 * IDLE_PUBLISH_S)   # the worker publishes an idle segment by then
+        with SpillStore(extra["spill_dir"], 1 << 62, read_only=True) as store:
+            spill = store.stats()
+    result = {"block_size": block_size, "turns": turns, "stats": stats, "spill": spill,
               "startup_s": round(startup_s, 1),
               "total_s": round(time.monotonic() - started, 1)}
     print("E2E_RESULT " + json.dumps(result), flush=True)

@@ -121,14 +121,17 @@ class EMSConnector(KVConnectorBase_V1):
             self.scheduler = SchedulerSide(self.config.pool_name, space.namespace(),
                                            self.block_size, space.layout.num_layers,
                                            async_loads=self.config.load_mode == "async",
-                                           client_factory=client_factory)
+                                           client_factory=client_factory,
+                                           spill_dir=self.config.spill_dir,
+                                           prefetch=self.config.prefetch)
             self.worker = None
         else:
             space = key_space(vllm_config, self.config.tenant, rank=_tensor_parallel_rank())
             self.scheduler = None
             self.worker = WorkerSide(self.config.pool_name, self.config.pool_capacity_bytes,
                                      self.config.pool_pages, self.config.load_mode,
-                                     self.config.async_saves, client_factory=client_factory)
+                                     self.config.async_saves, client_factory=client_factory,
+                                     spill=self.config.spill_settings())
         # The namespace, block size and layer count are what `ems route` needs to find
         # this engine's blocks.
         logger.info("EMS connector (%s) for %s, %s, namespace %s, block size %d, %d layers",
@@ -152,6 +155,8 @@ class EMSConnector(KVConnectorBase_V1):
             logger.exception("EMS lookup failed for request %s", request.request_id)
             tokens = 0
         self._computed[request.request_id] = num_computed_tokens
+        if tokens is None:   # its blocks are being prefetched: vLLM asks again later
+            return None, False
         return tokens, tokens > 0 and self.scheduler.async_loads
 
     def update_state_after_alloc(self, request: "Request", blocks: "KVCacheBlocks",

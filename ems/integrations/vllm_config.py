@@ -19,6 +19,8 @@ LOAD_MODES = ("layer", "async", "sync")
 
 
 PAGE_KINDS = ("auto", "hugetlb", "thp", "small")
+SPILL_IO_MODES = ("auto", "uring", "posix")
+EVICTION_POLICIES = ("clock", "session")
 
 
 def _boolean(raw) -> bool:
@@ -66,6 +68,13 @@ _SETTINGS = {
     "zookeeper": ("EMS_ZOOKEEPER", _text, None),
     "peers": ("EMS_PEERS", _text, None),
     "cluster": ("EMS_CLUSTER", _text, "default"),
+    # Spill tier (embedded mode): a directory for blocks evicted from the pool, its quota,
+    # the I/O path, the DRAM eviction policy, and prefetch of waiting requests' blocks.
+    "spill_dir": ("EMS_SPILL_DIR", _text, None),
+    "spill_bytes": ("EMS_SPILL_BYTES", _integer, None),
+    "spill_io": ("EMS_SPILL_IO", _text, "auto"),
+    "eviction": ("EMS_EVICTION", _text, "clock"),
+    "prefetch": ("EMS_PREFETCH", _boolean, True),
 }
 MODES = ("embedded", "local", "cluster")
 _TYPE_NAMES = {_integer: "a whole number", _text: "a string", _boolean: "a boolean"}
@@ -84,6 +93,18 @@ class ConnectorConfig:
     zookeeper: str | None = None
     peers: str | None = None
     cluster: str = "default"
+    spill_dir: str | None = None
+    spill_bytes: int | None = None
+    spill_io: str = "auto"
+    eviction: str = "clock"
+    prefetch: bool = True
+
+    def spill_settings(self) -> dict | None:
+        """The worker's spill tier settings, or None without a spill directory."""
+        if not self.spill_dir:
+            return None
+        return dict(directory=self.spill_dir, quota_bytes=self.spill_bytes,
+                    io=self.spill_io, policy=self.eviction)
 
 
 def load_config(extra_config: dict, engine_id: str | None) -> ConnectorConfig:
@@ -127,6 +148,19 @@ def load_config(extra_config: dict, engine_id: str | None) -> ConnectorConfig:
                          "Unix socket")
     if values["mode"] == "cluster" and not (values["zookeeper"] or values["peers"]):
         raise ValueError("mode 'cluster' needs zookeeper (EMS_ZOOKEEPER) or peers (EMS_PEERS)")
+    if values["spill_dir"] is not None:
+        if values["mode"] != "embedded":
+            raise ValueError("spill_dir (or EMS_SPILL_DIR) applies to mode 'embedded'; a "
+                             "daemon's spill directory is set with `ems serve --spill-dir`")
+        if not values["spill_bytes"] or values["spill_bytes"] <= 0:
+            raise ValueError("spill_dir needs spill_bytes (or EMS_SPILL_BYTES), the "
+                             f"directory's quota in bytes, got {values['spill_bytes']!r}")
+    if values["spill_io"] not in SPILL_IO_MODES:
+        raise ValueError(f"spill_io (or EMS_SPILL_IO) must be one of {SPILL_IO_MODES}, got "
+                         f"{values['spill_io']!r}")
+    if values["eviction"] not in EVICTION_POLICIES:
+        raise ValueError(f"eviction (or EMS_EVICTION) must be one of {EVICTION_POLICIES}, "
+                         f"got {values['eviction']!r}")
     if values["pool_name"] is None:
         # Both vLLM processes get the same engine_id, so they agree on the pool name.
         values["pool_name"] = f"ems-vllm-{engine_id or os.getppid()}"

@@ -15,10 +15,12 @@ from dataclasses import dataclass, field
 from ems.errors import AttachError, MembershipError, TransferError
 from ems.keys import chain_keys, layer_keys
 from ems.pool import Pool
+from ems.tiering.view import SpillView
 
 logger = logging.getLogger(__name__)
 
 _ATTACH_RETRY_S = 1.0
+PREFETCH_WAIT_S = 1.0         # longest a request waits for its prefetch before it loads from disk
 
 
 @dataclass
@@ -38,6 +40,11 @@ class StepPlan:
     # True: the loads run between steps and finish through get_finished (vLLM keeps
     # their requests waiting). False: they finish within this step's forward pass.
     async_loads: bool = False
+    # Spill tier hints (embedded mode with a spill directory):
+    prefetch: list[bytes] = field(default_factory=list)   # protect, and read into DRAM
+    unprotect: list[bytes] = field(default_factory=list)  # prefetched, never loaded
+    # session id (the key of a request's first block) -> layer keys it used this step
+    sessions: dict[bytes, list[bytes]] = field(default_factory=dict)
 
 
 @dataclass
@@ -49,12 +56,20 @@ class _Request:
     load_start: int = 0      # first block loaded from EMS
     load_end: int = 0        # one past the last block loaded from EMS
     saved_until: int = 0     # blocks below this index were saved or loaded
+    prefetch_at: float = 0.0              # monotonic time its prefetch was sent, 0: none
+    prefetched: list[bytes] = field(default_factory=list)
 
 
 class SchedulerSide:
     def __init__(self, pool_name: str, namespace: bytes, block_size: int, num_layers: int,
-                 async_loads: bool = False, client_factory=None):
+                 async_loads: bool = False, client_factory=None, spill_dir: str | None = None,
+                 prefetch: bool = True):
         self.pool_name = pool_name
+        self.spill = SpillView(spill_dir) if spill_dir else None
+        self.prefetch = prefetch and self.spill is not None
+        self._prefetch_next: list[bytes] = []
+        self._unprotect_next: list[bytes] = []
+        self.blocks_on_disk = 0
         self.client_factory = client_factory   # daemon modes: opens an ems.connect client
         self.async_loads = async_loads
         self.namespace = namespace
@@ -66,6 +81,8 @@ class SchedulerSide:
         self._pending_loads: dict[str, list[BlockTransfer]] = {}
         self.lookups = 0
         self.blocks_matched = 0
+        self.prefetches = 0
+        self.prefetch_timeouts = 0
 
     # -- pool access --
 
@@ -111,11 +128,16 @@ class SchedulerSide:
 
     # -- vLLM scheduler hooks --
 
-    def match(self, request, num_computed_tokens: int) -> int:
+    def match(self, request, num_computed_tokens: int) -> int | None:
         """Count prompt tokens beyond num_computed_tokens whose blocks are all in EMS.
 
         The last prompt token is never counted, so vLLM always computes at least one token
-        and produces logits. Only whole blocks are counted."""
+        and produces logits. Only whole blocks are counted.
+
+        With a spill tier and prefetch on, a request whose prefix continues on disk gets
+        a prefetch (its blocks are read into DRAM and protected while it waits) and
+        None, which makes vLLM skip it this step and ask again; it is counted once its
+        blocks are in DRAM, or after PREFETCH_WAIT_S with the disk blocks loaded directly."""
         state = self._request(request)
         usable = min(len(state.block_keys), (len(state.prompt) - 1) // self.block_size)
         first = num_computed_tokens // self.block_size
@@ -128,14 +150,43 @@ class SchedulerSide:
         probe = [key for block in range(first, usable)
                  for key in self._layer_keys(state, block)]
         present = pool.exists_many(probe)
-        hits = 0
-        for block in range(usable - first):
-            if not all(present[block * self.num_layers:(block + 1) * self.num_layers]):
-                break
-            hits += 1
+        hits = self._leading_blocks(present)
         self.lookups += 1
+        if self.spill is not None and hits < usable - first:
+            rest = probe[hits * self.num_layers:]
+            on_disk = self.spill.exists_many(rest)
+            merged = [a or b for a, b in zip(present[hits * self.num_layers:], on_disk)]
+            disk_hits = self._leading_blocks(merged)
+            if disk_hits and self.prefetch:
+                waiting = self._prefetch_wait(state, probe[:(hits + disk_hits) * self.num_layers])
+                if waiting:
+                    return None
+            self.blocks_on_disk += disk_hits
+            hits += disk_hits
         self.blocks_matched += hits
         return hits * self.block_size
+
+    def _leading_blocks(self, present: list[bool]) -> int:
+        blocks = 0
+        for start in range(0, len(present) - self.num_layers + 1, self.num_layers):
+            if not all(present[start:start + self.num_layers]):
+                break
+            blocks += 1
+        return blocks
+
+    def _prefetch_wait(self, state: _Request, keys: list[bytes]) -> bool:
+        """Send the prefetch of `keys` once; return True while the request should wait."""
+        now = time.monotonic()
+        if state.prefetch_at == 0.0:
+            state.prefetch_at = now
+            state.prefetched = keys
+            self._prefetch_next.extend(keys)
+            self.prefetches += 1
+            return True
+        if now - state.prefetch_at < PREFETCH_WAIT_S:
+            return True
+        self.prefetch_timeouts += 1
+        return False
 
     def after_alloc(self, request, block_ids: list[int], num_external_tokens: int,
                     num_computed_tokens: int) -> None:
@@ -155,8 +206,9 @@ class SchedulerSide:
 
     def plan_step(self, scheduler_output) -> StepPlan:
         """Emit this step's loads and the saves of blocks this step completes."""
-        plan = StepPlan(loads=self._pending_loads, async_loads=self.async_loads)
-        self._pending_loads = {}
+        plan = StepPlan(loads=self._pending_loads, async_loads=self.async_loads,
+                        prefetch=self._prefetch_next, unprotect=self._unprotect_next)
+        self._pending_loads, self._prefetch_next, self._unprotect_next = {}, [], []
         scheduled = scheduler_output.num_scheduled_tokens
 
         for new in scheduler_output.scheduled_new_reqs:
@@ -173,6 +225,16 @@ class SchedulerSide:
             state.load_end = min(state.load_end, max(done, state.load_start))
             self._plan_saves(state, new.num_computed_tokens + scheduled.get(new.req_id, 0),
                              plan)
+            if self.spill is not None and state.block_keys:
+                # The session is the chain's first block: every turn of a conversation
+                # starts with the same tokens, so it names the conversation.
+                full = min(len(state.block_keys), len(state.prompt) // self.block_size)
+                plan.sessions[state.block_keys[0]] = [
+                    key for block in range(full) for key in self._layer_keys(state, block)]
+                # Loaded (or recomputed) in this step: the worker unprotects the blocks
+                # once the step's copies are done.
+                plan.unprotect.extend(state.prefetched)
+                state.prefetched = []
 
         cached = scheduler_output.scheduled_cached_reqs
         for i, req_id in enumerate(cached.req_ids):
@@ -207,10 +269,17 @@ class SchedulerSide:
         state.saved_until = max(state.saved_until, full)
 
     def finished(self, request) -> None:
-        self._requests.pop(request.request_id, None)
+        state = self._requests.pop(request.request_id, None)
+        if state is not None and state.prefetched:
+            self._unprotect_next.extend(state.prefetched)   # aborted while waiting
         self._pending_loads.pop(request.request_id, None)
 
     def close(self) -> None:
+        if self.spill is not None:
+            logger.info("EMS scheduler: %d lookups, %d blocks matched, %d of them on disk; "
+                        "%d prefetches, %d timed out", self.lookups, self.blocks_matched,
+                        self.blocks_on_disk, self.prefetches, self.prefetch_timeouts)
+            self.spill.close()
         if self._pool is not None:
             self._pool.close()
             self._pool = None

@@ -31,9 +31,11 @@ import time
 from functools import partial
 
 from ems._core import default_slab_size
+from ems.client import EmbeddedClient
 from ems.integrations.copy_thread import CopyThread
 from ems.integrations.vllm_config import LOAD_MODES
 from ems.pool import Pool
+from ems.tiering.tier import open_tier
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +59,8 @@ class _Step:
 
 class WorkerSide:
     def __init__(self, pool_name: str, capacity_bytes: int, pages: str,
-                 load_mode: str = "layer", async_saves: bool = True, client_factory=None):
+                 load_mode: str = "layer", async_saves: bool = True, client_factory=None,
+                 spill=None):
         if load_mode not in LOAD_MODES:
             raise ValueError(f"load_mode must be one of {LOAD_MODES}, got {load_mode!r}")
         self.pool_name = pool_name
@@ -66,7 +69,11 @@ class WorkerSide:
         self.load_mode = load_mode
         self.async_saves = async_saves
         self.client_factory = client_factory   # daemon modes: opens an ems.connect client
+        # Embedded mode with a spill tier: dict(directory, quota_bytes, io, policy).
+        self.spill = spill
         self.pool: Pool | None = None
+        self._unprotect_later: list[bytes] = []
+        self._tier_seen: dict = {}       # spill tier counters at the last take_counters
         self._layers: list = []         # per layer: array of blocks, [num_blocks, block_bytes]
         self._device_layers: list = []  # per layer: the device tensor, when not on the CPU
         self._layer_index: dict[str, int] = {}
@@ -98,12 +105,24 @@ class WorkerSide:
         slab_size = max(default_slab_size(self.capacity_bytes),
                         1 << (block_bytes - 1).bit_length())
         capacity = max(self.capacity_bytes, slab_size)
-        self.pool = Pool(capacity, slab_size=slab_size,
-                         max_blocks=max(64, capacity // block_bytes), pages=self.pages,
-                         name=self.pool_name)
+        pool = Pool(capacity, slab_size=slab_size,
+                    max_blocks=max(64, capacity // block_bytes), pages=self.pages,
+                    name=self.pool_name)
         logger.info("EMS pool %s: %d bytes, %s pages, %d layers of %d-byte blocks, %s loads",
-                    self.pool_name, capacity, self.pool.page_kind, len(self._layers),
+                    self.pool_name, capacity, pool.page_kind, len(self._layers),
                     block_bytes, self.load_mode)
+        if self.spill is None:
+            self.pool = pool
+            return
+        try:
+            tier = open_tier(pool, self.spill["directory"], self.spill["quota_bytes"],
+                             io=self.spill["io"], policy=self.spill["policy"])
+        except BaseException:
+            pool.close()
+            raise
+        self.pool = EmbeddedClient(pool, tier)
+        logger.info("EMS spill tier in %s: quota %d bytes, %s eviction",
+                    self.spill["directory"], self.spill["quota_bytes"], self.spill["policy"])
 
     def _block_view(self, tensor):
         """Return a [num_blocks, block_bytes] uint8 numpy view of one layer's KV tensor."""
@@ -128,7 +147,21 @@ class WorkerSide:
         self._copies.drain()
         if self._step.plan is not plan:
             self._step = _Step(plan)
+            self._spill_hints(plan)
 
+    def _spill_hints(self, plan) -> None:
+        """Apply the plan's spill tier hints (embedded mode with a spill directory)."""
+        tier = getattr(self.pool, "tier", None)
+        if tier is None or plan is None:
+            return
+        # Last step's loads are done (the copies were drained): release their protection.
+        if self._unprotect_later:
+            tier.unprotect(self._unprotect_later)
+        self._unprotect_later = list(plan.unprotect)
+        if plan.prefetch:
+            tier.prefetch(plan.prefetch, protect=True)
+        for session, keys in plan.sessions.items():
+            tier.touch(session, keys)
     def end_forward(self) -> None:
         """Check the forward pass waited for every loaded layer; queue unsent saves."""
         step = self._step
@@ -309,13 +342,30 @@ class WorkerSide:
             self._count("blocks_saved", len(saves))
 
     def take_counters(self) -> dict:
-        """Return the counters since the last call and reset them."""
+        """Return the counters since the last call and reset them. With a spill tier they
+        include, in EMS blocks (one per layer): disk_reads (loads served from disk),
+        prefetched, spills (blocks written to disk) and spill_dropped (evicted blocks the
+        tier could not take)."""
+        self._add_tier_counters()
         with self._lock:
             counters = dict(self.counters)
             for name, value in counters.items():
                 self.totals[name] += value
                 self.counters[name] = type(value)()
         return counters
+
+    def _add_tier_counters(self) -> None:
+        tier = getattr(self.pool, "tier", None)
+        if tier is None:
+            return
+        now = tier.stats()
+        now = dict(disk_reads=now.get("hits", 0), prefetched=now.get("prefetched", 0),
+                   spills=now.get("spills", 0), spill_dropped=now.get("spill_dropped", 0))
+        last, self._tier_seen = self._tier_seen, now
+        with self._lock:
+            for name, value in now.items():
+                self.counters[name] = self.counters.get(name, 0) + value - last.get(name, 0)
+                self.totals.setdefault(name, 0)
 
     # -- accelerator staging --
 

@@ -3,11 +3,16 @@
     python -m ems.replay --model DIR [--sessions 8] [--in-flight 4] [--think-scale 0.001]
                          [--max-tokens 16] [--out bench/results/replay]
 
-It runs the same sessions in up to three passes, one at a time. Each pass is a fresh engine
+It runs the same sessions in up to six passes, one at a time. Each pass is a fresh engine
 process:
   vllm    prefix cache only, KV space of --kv-tokens tokens (smaller than the sessions' history)
-  ems     the same plus the EMS connector (pool of --pool-bytes)
+  ems     the same plus the EMS connector (pool of --pool-bytes, DRAM only)
   native  prefix cache only, KV space for every session's whole history (no eviction)
+  spill     ems plus a spill tier (--spill-bytes in a fresh directory under --spill-dir)
+  prefetch  spill plus scheduler-aware prefetch and protection of waiting requests' blocks
+  session   prefetch with whole-session eviction from DRAM instead of CLOCK
+The last three show the spill tier when the pool is smaller than the working set: give
+--pool-bytes below the KV of all sessions' history (the default pool holds all of it).
 After each replay, up to --probes requests with a history of 1,024 tokens or more are sent
 again one at a time (max_tokens 1): after a prefix-cache reset in the vllm pass (a recompute)
 and the ems pass (an EMS load), and as they are in the native pass (a vLLM prefix hit). Their
@@ -31,6 +36,12 @@ from ems.replay.dataset import MIN_REQUESTS, load_sessions
 from ems.replay.runner import run_pass_in_child
 
 PASSES = ("vllm", "ems", "native")
+SPILL_PASSES = {   # label -> (prefetch, eviction policy)
+    "spill": (False, "clock"),
+    "prefetch": (True, "clock"),
+    "session": (True, "session"),
+}
+ALL_PASSES = PASSES + tuple(SPILL_PASSES)
 CONNECTOR_MODULE = "ems.integrations.vllm"
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -71,11 +82,24 @@ def parse_args(argv):
     p.add_argument("--pool-bytes", type=_at_least(1 << 20), default=None,
                    help="EMS pool capacity; default: twice the KV of every session's history")
     p.add_argument("--passes", default=",".join(PASSES), help="comma-separated subset of "
-                   + ",".join(PASSES))
+                   + ",".join(ALL_PASSES))
+    p.add_argument("--spill-dir", default="/var/tmp",
+                   help="where the spill passes create their spill directories (removed after)")
+    p.add_argument("--spill-bytes", type=_at_least(1 << 20), default=8 << 30,
+                   help="quota of each spill pass's directory")
     p.add_argument("--probes", type=_at_least(0), default=16,
                    help="requests with a long history timed alone after each replay")
     p.add_argument("--verbose", action="store_true", help="keep vLLM's INFO logs")
     return p.parse_args(argv)
+
+
+def _connector_config(pool_bytes, **spill):
+    """The kv_transfer_config of an EMS pass; `spill` adds spill tier settings."""
+    extra = {"pool_capacity_bytes": pool_bytes, "pool_name": f"ems-replay-{os.getpid()}",
+             **spill}
+    return {"kv_connector": "EMSConnector", "kv_connector_module_path": CONNECTOR_MODULE,
+            "kv_role": "kv_both", "kv_load_failure_policy": "recompute",
+            "kv_connector_extra_config": extra}
 
 
 def kv_bytes_per_token(model_dir, dtype):
@@ -90,15 +114,15 @@ def main(argv=None):
     args = parse_args(argv)
     t_start = time.time()
     passes = [p for p in args.passes.split(",") if p]
-    unknown = set(passes) - set(PASSES)
+    unknown = set(passes) - set(ALL_PASSES)
     if unknown:
-        raise SystemExit(f"unknown pass {sorted(unknown)}; choose from {PASSES}")
+        raise SystemExit(f"unknown pass {sorted(unknown)}; choose from {ALL_PASSES}")
     if not passes:
-        raise SystemExit(f"--passes {args.passes!r} names no pass; choose from {PASSES}")
+        raise SystemExit(f"--passes {args.passes!r} names no pass; choose from {ALL_PASSES}")
     if args.kv_tokens < args.max_model_len:
         raise SystemExit(f"--kv-tokens {args.kv_tokens} must be >= --max-model-len "
                          f"{args.max_model_len} (vLLM refuses to start otherwise)")
-    if "ems" in passes and importlib.util.find_spec(CONNECTOR_MODULE) is None:
+    if set(passes) - {"vllm", "native"} and importlib.util.find_spec(CONNECTOR_MODULE) is None:
         raise SystemExit(f"the ems pass needs {CONNECTOR_MODULE}, which is not installed; "
                          f"run with --passes vllm,native")
     from transformers import AutoTokenizer
@@ -130,19 +154,19 @@ def main(argv=None):
     configs = {
         "vllm": dict(base, label="vllm", kv_cache_bytes=small_bytes),
         "ems": dict(base, label="ems", kv_cache_bytes=small_bytes,
-                    kv_transfer_config={
-                        "kv_connector": "EMSConnector",
-                        "kv_connector_module_path": CONNECTOR_MODULE,
-                        "kv_role": "kv_both",
-                        "kv_load_failure_policy": "recompute",
-                        "kv_connector_extra_config": {
-                            "pool_capacity_bytes": pool_bytes,
-                            "pool_name": f"ems-replay-{os.getpid()}"}}),
+                    kv_transfer_config=_connector_config(pool_bytes)),
         "native": dict(base, label="native", kv_cache_bytes=big_tokens * per_token,
                        probe="keep"),
     }
     results = {}
-    with tempfile.TemporaryDirectory(prefix="ems-replay-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="ems-replay-") as tmp, \
+            tempfile.TemporaryDirectory(prefix="ems-replay-spill-", dir=args.spill_dir) as spill:
+        for label, (prefetch, policy) in SPILL_PASSES.items():
+            configs[label] = dict(base, label=label, kv_cache_bytes=small_bytes,
+                                  kv_transfer_config=_connector_config(
+                                      pool_bytes, spill_dir=os.path.join(spill, label),
+                                      spill_bytes=args.spill_bytes, prefetch=prefetch,
+                                      eviction=policy))
         for label in passes:
             t0 = time.time()
             results[label] = run_pass_in_child(configs[label], sessions,

@@ -184,6 +184,11 @@ def table(report):
     lines.append("requests/s: " + ", ".join(
         f"{l} {report['passes'][l]['requests_per_s']:.2f}" for l in labels))
 
+    for label in labels:
+        counters = (report["passes"][label]["ems"] or {}).get("kv_connector_stats") or {}
+        if "disk_reads" in counters:
+            lines.append(_tier_line(label, counters))
+
     for subset, lh in report["long_history"].items():
         if not isinstance(lh, dict) or not lh["n"]:
             continue
@@ -215,6 +220,15 @@ def table(report):
             lines.append(f"{name}: {m['mismatched']} of {m['compared']} replies differ "
                          f"({m['prompts_differ']} prompts differ)")
     return "\n".join(lines)
+
+
+def _tier_line(label, counters):
+    """One line on where an EMS pass's loads came from (counts are EMS blocks, per layer)."""
+    loaded = counters.get("blocks_loaded", 0)
+    return (f"{label}: {loaded} vLLM blocks loaded from EMS, {counters['disk_reads']} block "
+            f"layers read from disk on load, {counters.get('prefetched', 0)} prefetched, "
+            f"{counters.get('spills', 0)} spilled, {counters.get('spill_dropped', 0)} "
+            "evictions not spilled")
 
 
 def _fmt(x):

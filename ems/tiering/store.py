@@ -71,6 +71,8 @@ class SpillStore:
     backend does one at a time.
     compact_dead_fraction: fraction of a segment's bytes that must be dead before
     delete_many(), refresh() or compact() rewrites it (0 < fraction <= 1).
+    read_only: the store only reads (put_many raises PermissionError); for a process that
+    looks up what another one spills, such as the vLLM scheduler.
 
     Capacity: before a write would take the directory past quota_bytes, the oldest published
     segments (by creation time in their names, any writer's) are deleted whole. A published
@@ -88,7 +90,8 @@ class SpillStore:
     def __init__(self, directory, quota_bytes: int, io: str = "auto",
                  segment_bytes: int = DEFAULT_SEGMENT_BYTES, writer_id: str | None = None,
                  *, depth: int = DEFAULT_DEPTH,
-                 compact_dead_fraction: float = DEFAULT_COMPACT_DEAD_FRACTION):
+                 compact_dead_fraction: float = DEFAULT_COMPACT_DEAD_FRACTION,
+                 read_only: bool = False):
         if quota_bytes <= 0:
             raise ValueError(f"invalid quota_bytes {quota_bytes}; it must be positive")
         if segment_bytes < fmt.ALIGN:
@@ -104,6 +107,7 @@ class SpillStore:
         self.segment_bytes = segment_bytes
         self.compact_dead_fraction = compact_dead_fraction
         self.writer_id = writer_id or fmt.new_writer_id()
+        self.read_only = read_only
         self._backend, self._io_fallback = open_backend(io, depth)
         self._lock = threading.Lock()
         self._segments: dict[str, _Segment] = {}
@@ -136,6 +140,8 @@ class SpillStore:
         """
         if len(keys) != len(datas):
             raise ValueError(f"put_many got {len(keys)} keys but {len(datas)} buffers")
+        if self.read_only:
+            raise PermissionError(f"spill store {self.directory} was opened read-only")
         keys = [_check_key(key) for key in keys]
         views = [memoryview(data).cast("B") for data in datas]
         with self._lock:
@@ -143,6 +149,19 @@ class SpillStore:
             results = self._put_many(keys, views)
             self._counters["spill_failures"] += results.count(False)
             return results
+
+    def lengths(self, keys) -> list[int | None]:
+        """Return, per key, the length of its indexed block, or None where it has none."""
+        with self._lock:
+            entries = [self._index.get(bytes(key)) for key in keys]
+        return [None if entry is None else entry[2] for entry in entries]
+
+    def publish(self) -> bool:
+        """Publish the open segment now, so other stores on the directory index its blocks
+        at their next refresh; later puts start a new segment. Returns whether one was."""
+        with self._lock:
+            self._check_open()
+            return self._seal()
 
     def get_many_into(self, keys, buffers) -> list[bool]:
         """Read each key's block into the start of its buffer; return, per block, whether it
