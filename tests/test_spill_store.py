@@ -491,6 +491,22 @@ def test_writes_in_flight_bounded_by_depth(tmp_path, io_mode):
         assert [bytes(b) for b in buffers] == datas
 
 
+def test_uring_reuses_iovecs(tmp_path):
+    """liburing's Iovec pins its buffer for good, so repeated calls must reuse them."""
+    if _URING_SKIP:
+        pytest.skip(_URING_SKIP)
+    keys = [key(i) for i in range(200)]
+    datas = [payload(i, 20000) for i in range(200)]
+    with SpillStore(tmp_path, 64 * MiB, io="uring", depth=4) as store:
+        assert all(store.put_many(keys[:10], datas[:10]))
+        assert all(read(store, keys[:10], [20000] * 10)[0])
+        after_first = len(store._backend._iovecs)
+        for start in range(10, 200, 10):
+            assert all(store.put_many(keys[start:start + 10], datas[start:start + 10]))
+            assert all(read(store, keys[:start + 10], [20000] * (start + 10))[0])
+        assert len(store._backend._iovecs) == after_first
+
+
 class _FailingWriteBackend(_FullDiskBackend):
     """Fails the write request number `fail_at` (0-based, counted over the store's life)."""
 

@@ -9,6 +9,7 @@ Buffers for O_DIRECT files must be 4096-byte aligned (slices of an mmap are), an
 stay alive and unchanged until its request completes. A backend is used by one thread at a
 time, which the store's lock ensures.
 """
+import ctypes
 import errno
 import logging
 import os
@@ -112,7 +113,9 @@ class UringBackend(_Queue):
     """io_uring through the liburing package, with up to `depth` requests in flight.
 
     NOTE: liburing 2026.3.30 keeps the GIL while it waits for completions, so other Python
-    threads of the process do not run while complete() blocks on the disk.
+    threads of the process do not run while complete() blocks on the disk. Its Iovec also
+    never releases the buffer export it takes of a memoryview, so memory once passed to
+    submit() stays allocated until the process exits (see _iovec_for).
     """
 
     mode = "uring"
@@ -131,6 +134,7 @@ class UringBackend(_Queue):
         # tag -> [op, fd, offset, view, bytes done, Iovec]. The kernel reads the buffer's
         # address from the Iovec, so the Iovec must live until the completion is reaped.
         self._pending = {}
+        self._iovecs = {}  # (buffer address, length) -> Iovec, see _iovec_for
 
     @property
     def in_flight(self) -> int:
@@ -151,7 +155,7 @@ class UringBackend(_Queue):
         lib = self._lib
         op, fd, offset, view, done, _ = state
         # Build the Iovec before taking an SQE, so a bad buffer leaves no SQE half-filled.
-        iovec = lib.Iovec([view[done:]])
+        iovec = self._iovec_for(view[done:] if done else view)
         sqe = lib.io_uring_get_sqe(self._ring)  # never None: at most `depth` SQEs are queued
         if op == READ:
             lib.io_uring_prep_readv(sqe, fd, iovec, offset + done)
@@ -159,6 +163,25 @@ class UringBackend(_Queue):
             lib.io_uring_prep_writev(sqe, fd, iovec, offset + done)
         lib.io_uring_sqe_set_data64(sqe, tag)
         state[5] = iovec
+
+    def _iovec_for(self, view):
+        """Return an Iovec of view, reusing the one made earlier for the same memory.
+
+        Each new Iovec pins its memoryview (about 190 bytes) and the buffer under it for the
+        life of the process, because liburing 2026.3.30 never releases the export. One Iovec
+        per (address, length) keeps that to the buffers a caller reuses, such as the store's
+        staging slots. The key is safe because pinned memory is never freed, so its address
+        cannot come back for other memory.
+        """
+        try:
+            address = ctypes.addressof(ctypes.c_char.from_buffer(view))
+        except (TypeError, ValueError):  # read-only or empty: no address without an export
+            return self._lib.Iovec([view])
+        key = (address, len(view))
+        iovec = self._iovecs.get(key)
+        if iovec is None:
+            iovec = self._iovecs[key] = self._lib.Iovec([view])
+        return iovec
 
     def complete(self):
         """Wait for at least one request to finish; return every finished one."""

@@ -34,8 +34,10 @@ log = logging.getLogger(__name__)
 DEFAULT_SEGMENT_BYTES = 64 << 20
 # A segment of this store is compacted once this fraction of its bytes is dead.
 DEFAULT_COMPACT_DEAD_FRACTION = 0.5
-# Bytes of staging buffers kept for requests in flight. Blocks so large that `depth` of them
+# Bytes of staging buffers for requests in flight. Blocks so large that depth + 1 of them
 # exceed it get fewer requests in flight, and always at least one.
+# NOTE: the staging area only grows and lives as long as the store (with io_uring, as long
+# as the process), so one block above this size keeps a staging area of its size.
 MAX_STAGING_BYTES = 64 << 20
 
 # Errors that mean the file system has no room. They stop spilling rather than fail one write.
@@ -117,6 +119,7 @@ class SpillStore:
         self._direct = True
         self._spilling = True
         self._staging: mmap.mmap | None = None
+        self._scan_page = memoryview(mmap.mmap(-1, fmt.ALIGN))  # header reads of _scan
         self._logged_segments: set[str] = set()
         self._counters = dict(hits=0, misses=0, checksum_failures=0, io_errors=0, spills=0,
                               spill_failures=0, enospc=0, reclaimed_segments=0,
@@ -243,7 +246,6 @@ class SpillStore:
             for seg in self._segments.values():
                 _close_fd(seg)
             self._backend.close()
-            self._staging = None
         log.info("spill store closed: directory=%s writer=%s", self.directory, self.writer_id)
 
     def __enter__(self):
@@ -390,7 +392,6 @@ class SpillStore:
                         failures[index] = outcome
         finally:
             backend.drain()
-            self._trim_staging()
 
         if not failures:
             return len(records), None
@@ -500,7 +501,6 @@ class SpillStore:
                     free.append(slot_of[index])
         finally:
             backend.drain()
-            self._trim_staging()
         for seg in {p[2] for p in plan if p[2].name in vanished}:
             self._forget(seg)
         return results
@@ -547,16 +547,14 @@ class SpillStore:
         slot suits O_DIRECT. The caller must not hold the slots past the end of its call.
         """
         slots = max(1, min(self._backend.depth + 1, count, MAX_STAGING_BYTES // slot_bytes))
-        if self._staging is None or len(self._staging) < slots * slot_bytes:
-            # The old mmap is unmapped when the last view of it is released.
-            self._staging = mmap.mmap(-1, slots * slot_bytes)
+        need = slots * slot_bytes
+        if self._staging is None or len(self._staging) < need:
+            # Grow at least twofold up to the cap, because a replaced area that io_uring used
+            # is never unmapped (see UringBackend) and so must be replaced rarely.
+            grown = 2 * len(self._staging) if self._staging is not None else 0
+            self._staging = mmap.mmap(-1, max(need, min(grown, MAX_STAGING_BYTES)))
         whole = memoryview(self._staging)
         return [whole[i * slot_bytes:(i + 1) * slot_bytes] for i in range(slots)]
-
-    def _trim_staging(self):
-        """Release a staging area that a block above MAX_STAGING_BYTES made that large."""
-        if self._staging is not None and len(self._staging) > MAX_STAGING_BYTES:
-            self._staging = None
 
     # ---- compaction ---------------------------------------------------------------------
 
@@ -688,8 +686,7 @@ class SpillStore:
         self._segments[name] = seg
         try:
             file_bytes = os.fstat(fd).st_size
-            page = mmap.mmap(-1, fmt.ALIGN)
-            view = memoryview(page)
+            view = self._scan_page
             offset = 0
             # NOTE: one read per record; segments of many small records rescan slowly.
             while offset + fmt.HEADER_BYTES <= file_bytes:
