@@ -112,10 +112,12 @@ def _pwrite_all(fd, offset, view) -> int:
 class UringBackend(_Queue):
     """io_uring through the liburing package, with up to `depth` requests in flight.
 
-    NOTE: liburing 2026.3.30 keeps the GIL while it waits for completions, so other Python
-    threads of the process do not run while complete() blocks on the disk. Its Iovec also
-    never releases the buffer export it takes of a memoryview, so memory once passed to
-    submit() stays allocated until the process exits (see _iovec_for).
+    liburing 2026.3.30 keeps the GIL in its wait calls, so complete() never calls them: the
+    ring signals completions on an eventfd, and complete() waits in os.read on it, which
+    releases the GIL. Other Python threads (a vLLM worker's forward pass) run meanwhile.
+
+    NOTE: liburing's Iovec never releases the buffer export it takes of a memoryview, so
+    memory once passed to submit() stays allocated until the process exits (see _iovec_for).
     """
 
     mode = "uring"
@@ -130,6 +132,13 @@ class UringBackend(_Queue):
         self._ring = liburing.Ring()
         self._cqe = liburing.Cqe()
         liburing.io_uring_queue_init(depth, self._ring)
+        self._eventfd = os.eventfd(0, os.EFD_CLOEXEC)
+        try:
+            liburing.io_uring_register_eventfd(self._ring, self._eventfd)
+        except BaseException:
+            os.close(self._eventfd)
+            liburing.io_uring_queue_exit(self._ring)
+            raise
         self._open = True
         # tag -> [op, fd, offset, view, bytes done, Iovec]. The kernel reads the buffer's
         # address from the Iovec, so the Iovec must live until the completion is reaped.
@@ -185,16 +194,19 @@ class UringBackend(_Queue):
 
     def complete(self):
         """Wait for at least one request to finish; return every finished one."""
-        if not self._pending:
-            return []
-        lib = self._lib
-        while True:
-            try:
-                lib.io_uring_submit_and_wait(self._ring, 1)
-                break
-            except InterruptedError:
-                continue  # a signal interrupted the wait; the requests are still queued
+        while self._pending:
+            finished = self._reap()
+            if finished:
+                return finished
+            # Blocks with the GIL released until the kernel posts a completion. The counter
+            # may also hold completions reaped already; then the next _reap finds none and
+            # this read blocks for real.
+            os.read(self._eventfd, 8)
+        return []
 
+    def _reap(self):
+        """Return the finished requests among the posted completions, without waiting."""
+        lib = self._lib
         finished, requeued, seen = [], False, 0
         # CqeIter follows the completion ring's head through wraparound, unlike cqe[i].
         for _ in lib.CqeIter(self._ring, self._cqe):
@@ -236,6 +248,7 @@ class UringBackend(_Queue):
             self.drain()
             self._open = False
             self._lib.io_uring_queue_exit(self._ring)
+            os.close(self._eventfd)
 
 
 def open_backend(mode: str = "auto", depth: int = DEFAULT_DEPTH):
