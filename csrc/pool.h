@@ -145,6 +145,11 @@ uint64_t ems_pool_take_evicted(ems_pool_t *pool, uint8_t *out_keys, uint64_t *ou
 /* Sets the SPILLED flag on each present key of keys[0..n): the block is already in the
  * spill tier, so evicting it copies nothing into the ring. A later put of the same key
  * stores a new block without the flag. Returns how many keys were present, or -EPERM. */
+/* Evicts each present, unpinned, unprotected key of keys[0..n) now, exactly as CLOCK
+ * would (into the spill ring unless SPILLED), so a policy above the pool can choose
+ * victims. Owner only (0 on an attached pool). Returns the payload bytes freed. */
+uint64_t ems_pool_evict_many(ems_pool_t *pool, const uint8_t *keys, uint64_t n);
+
 int64_t ems_pool_mark_spilled(ems_pool_t *pool, const uint8_t *keys, uint64_t n);
 
 /* ---- reads (owner and attached) ------------------------------------------------- */

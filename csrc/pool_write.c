@@ -446,6 +446,29 @@ int64_t ems_pool_protect(ems_pool_t *pool, const uint8_t *keys, uint64_t n, int 
     return present;
 }
 
+uint64_t ems_pool_evict_many(ems_pool_t *pool, const uint8_t *keys, uint64_t n)
+{
+    if (!pool->owner)
+        return 0;
+
+    uint64_t freed = 0;
+    pthread_mutex_lock(&pool->lock);
+    for (uint64_t i = 0; i < n; i++) {
+        uint64_t word;
+        if (ems_index_lookup(&pool->index, keys + i * EMS_KEY_BYTES, &word) != 1)
+            continue;
+        uint32_t id = EMS_SLOT_ENTRY(word) - 1;
+        ems_entry_t *e = &pool->entries[id];
+        if (atomic_load_explicit(&e->flags, memory_order_relaxed) & EMS_FLAG_PROTECT)
+            continue;
+        uint64_t length = e->length;
+        if (evict_entry(pool, id))
+            freed += length;
+    }
+    pthread_mutex_unlock(&pool->lock);
+    return freed;
+}
+
 int64_t ems_pool_mark_spilled(ems_pool_t *pool, const uint8_t *keys, uint64_t n)
 {
     if (!pool->owner)

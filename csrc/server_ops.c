@@ -474,12 +474,21 @@ static int op_delete(ems_srv_conn_t *conn, const ems_frame_t *req)
 {
     uint64_t n;
     uint32_t arg;
-    if (parse_batch(conn, req, 0, &n, &arg) < 0 || out_room(conn, req, 8 * n) < 0)
+    if (parse_batch(conn, req, 0, &n, &arg) < 0 || out_room(conn, req, 9 * n) < 0)
         return 0;
+    /* The pool first, so no eviction can spill a key again after the lower tier dropped it;
+     * then every key goes to one DELETE call (none counts as present). A key either level
+     * held is reported deleted. */
+    uint8_t *gone = conn->out + 8 * n;
+    memset(gone, 0, n);
     for (uint64_t i = 0; i < n; i++)
         ems_put64(conn->out + 8 * i,
                   (uint64_t)(int64_t)ems_pool_delete(conn->server->cfg.pool,
                                                      conn->keys + i * EMS_KEY_BYTES));
+    if (ask_lower_tier(conn, EMS_MISS_DELETE, conn->keys, n, gone) > 0)
+        for (uint64_t i = 0; i < n; i++)
+            if (gone[i])
+                ems_put64(conn->out + 8 * i, 0);
     return respond_ok(conn, req, conn->out, 8 * n, NULL, 0);
 }
 

@@ -76,6 +76,8 @@ typedef enum {
     EMS_MISS_LOAD = 0,       /* bring the keys into the pool before returning */
     EMS_MISS_PROBE = 1,      /* only report whether a lower tier has them */
     EMS_MISS_PREFETCH = 2,   /* start loading them into the pool and return at once */
+    EMS_MISS_DELETE = 3,     /* a DELETE: remove them from the lower tier too (all its keys,
+                              * after the pool deleted them); found[i] = 1 when removed */
 } ems_miss_mode_t;
 
 /* Handler of the keys a request did not find in the pool, so that a lower tier (a spill

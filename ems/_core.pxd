@@ -81,6 +81,7 @@ cdef extern from "pool.h":
     uint64_t ems_pool_take_evicted(ems_pool_t *pool, uint8_t *out_keys, uint64_t *out_lengths,
                                    uint8_t *buf, uint64_t buf_len, uint64_t max_blocks) nogil
     int64_t ems_pool_mark_spilled(ems_pool_t *pool, const uint8_t *keys, uint64_t n) nogil
+    uint64_t ems_pool_evict_many(ems_pool_t *pool, const uint8_t *keys, uint64_t n) nogil
 
     int64_t ems_pool_length(ems_pool_t *pool, const uint8_t *key) nogil
     int64_t ems_pool_get(ems_pool_t *pool, const uint8_t *key, void *dst, uint64_t dst_len,

@@ -917,6 +917,21 @@ cdef class _CorePool:
         finally:
             self._leave()
 
+    def evict_many(self, keys):
+        """Evict the stored, unpinned, unprotected keys now, as CLOCK would (a spill ring
+        captures them). Owner only. Returns the payload bytes freed."""
+        cdef KeyBatch batch = KeyBatch(keys)
+        cdef uint64_t freed
+        self._enter()
+        try:
+            if not self.pool.owner:
+                raise_write_error(-EPERM, 0, self)
+            with nogil:
+                freed = ems_pool_evict_many(&self.pool, batch.data, batch.n)
+            return freed
+        finally:
+            self._leave()
+
     # -- statistics --
 
     def keys(self, uint64_t chunk=65536):

@@ -46,6 +46,7 @@ cdef extern from "transfer.h":
         EMS_MISS_LOAD
         EMS_MISS_PROBE
         EMS_MISS_PREFETCH
+        EMS_MISS_DELETE
 
     ctypedef void (*ems_miss_fn)(void *ctx, int mode, const uint8_t *keys, uint64_t n,
                                  uint8_t *found) noexcept
@@ -119,8 +120,9 @@ DEFAULT_MAX_PAYLOAD = 64 << 20
 MISS_LOAD = EMS_MISS_LOAD
 MISS_PROBE = EMS_MISS_PROBE
 MISS_PREFETCH = EMS_MISS_PREFETCH
+MISS_DELETE = EMS_MISS_DELETE
 _MISS_MODE_NAMES = {EMS_MISS_LOAD: "LOAD", EMS_MISS_PROBE: "PROBE",
-                    EMS_MISS_PREFETCH: "PREFETCH"}
+                    EMS_MISS_PREFETCH: "PREFETCH", EMS_MISS_DELETE: "DELETE"}
 
 _server_log = logging.getLogger("ems.server")
 

@@ -163,10 +163,20 @@ class EmbeddedClient(_AsyncCalls):
         self.tier = tier
 
     def put(self, key, data) -> bool:
-        return self.pool.put(key, data)
+        if self.tier is None:
+            return self.pool.put(key, data)
+        with self.tier.write_lock:
+            stored = self.pool.put(key, data)
+        self.tier.kick()
+        return stored
 
     def put_many(self, keys, datas) -> int:
-        return self.pool.put_many(keys, datas)
+        if self.tier is None:
+            return self.pool.put_many(keys, datas)
+        with self.tier.write_lock:   # see SpillTier.write_lock
+            stored = self.pool.put_many(keys, datas)
+        self.tier.kick()   # the ring may hold evicted blocks: spill them now
+        return stored
 
     def get_into(self, key, buffer) -> bool:
         return self.get_many_into([key], [buffer])[0]
@@ -212,9 +222,9 @@ class EmbeddedClient(_AsyncCalls):
         return self.tier.prefetch(_key_list(keys), protect=protect)
 
     def delete(self, key) -> bool:
-        in_dram = self.pool.delete(key)
-        on_disk = self.tier is not None and self.tier.store.delete_many([bytes(key)])[0]
-        return in_dram or on_disk
+        if self.tier is None:
+            return self.pool.delete(key)
+        return self.tier.delete([key])[0]
 
     def protect(self, keys) -> int:
         return self.pool.protect(keys)

@@ -172,3 +172,20 @@ def test_serve_refuses_spill_dir_without_size(run_dir, tmp_path):
     with pytest.raises(RuntimeError, match="--spill-size"):
         rig.start(a, run_dir, peers=a.peer, extra=("--spill-dir", str(tmp_path / "s")),
                   timeout=10)
+
+
+def test_delete_through_daemon_reaches_disk(run_dir, tmp_path):
+    (a,) = rig.plan(run_dir, ["a"])
+    rig.start(a, run_dir, peers=a.peer, capacity="16M", extra=spill_args(tmp_path / "s"))
+    try:
+        with local_client(a) as client:
+            client.put_many([key(i) for i in range(N)], [payload(i) for i in range(N)])
+            wait_for(lambda: metric(metrics(a), "ems_tier_spills_total") > 0, what="spills")
+            assert client.delete(key(0))                  # on disk only
+            assert read_back(client, [0, 1]) == [1]
+            assert read_back(client, [1]) == [1]          # promoted into DRAM
+            assert client.delete(key(1))                  # in DRAM and on disk
+            assert read_back(client, [1]) == []
+            assert not client.delete(key(0))
+    finally:
+        rig.stop(a)

@@ -320,3 +320,85 @@ def test_full_disk_stops_spilling_and_serving_goes_on(small_tmpfs, io_mode):
             client.put(key(i), payload(i, size))
         buffer = bytearray(size)
         assert client.get_into(key(339), buffer) and buffer == payload(339, size)
+
+
+def test_delete_of_a_block_just_evicted_sticks(tmp_path):
+    """A block still in the eviction ring when it is deleted never reaches the disk."""
+    size = 64 << 10
+    with open_client(tmp_path) as client:
+        filler = 0
+        for t in range(30):
+            victim = key(t, "victim")
+            client.put(victim, payload(t, size))
+            while client.pool.exists(victim):
+                client.put(key(filler, "filler"), payload(filler, size))
+                filler += 1
+            assert client.delete(victim)
+            time.sleep(0.03)   # past a background drain
+            assert not client.get_into(victim, bytearray(size)), f"deleted block {t} came back"
+
+
+def test_delete_then_new_value_is_read_back(tmp_path):
+    size = 64 << 10
+    new = b"\x5a" * size
+    with open_client(tmp_path) as client:
+        fill(client, 200, size)
+        assert not client.pool.exists(key(0))
+        assert client.delete(key(0))
+        client.put(key(0), new)
+        fill(client, 200, size, space="more")
+        buffer = bytearray(size)
+        assert client.get_into(key(0), buffer)
+        assert buffer == new
+
+
+def test_promotion_does_not_undo_a_delete(tmp_path, monkeypatch):
+    """A delete landing between a disk read and its promotion wins."""
+    size = 256 << 10
+    with open_client(tmp_path) as client:
+        fill(client, 40, size)
+        read = client.tier.store.get_many_into
+
+        def read_then_delete(keys, buffers):
+            found = read(keys, buffers)
+            client.tier.delete(list(keys))
+            return found
+
+        monkeypatch.setattr(client.tier.store, "get_many_into", read_then_delete)
+        assert client.get_into(key(0), bytearray(size))   # read before the delete
+        monkeypatch.undo()
+        assert not client.pool.exists(key(0)), "the promotion put a deleted key back"
+        assert not client.exists(key(0))
+
+
+def test_disk_hit_into_wrong_size_buffer_is_refused(tmp_path):
+    size = 64 << 10
+    with open_client(tmp_path) as client:
+        fill(client, 200, size)
+        assert not client.pool.exists(key(0))
+        with pytest.raises(ems.errors.BufferSizeError, match=str(size)):
+            client.get_into(key(0), bytearray(size + 4096))
+        assert not client.pool.exists(key(0)), "a wrong-size block was promoted"
+        buffer = bytearray(size)
+        assert client.get_into(key(0), buffer)
+        assert buffer == payload(0, size)
+
+
+def test_session_policy_keeps_dram_when_disk_refuses(tmp_path, monkeypatch):
+    """After ENOSPC the session policy stops: moving sessions would only drop them."""
+    monkeypatch.setattr(tiering, "HIGH_WATERMARK", 0.5)
+    monkeypatch.setattr(tiering, "LOW_WATERMARK", 0.3)
+    size = 128 << 10
+    with open_client(tmp_path, policy="session") as client:
+        client.tier.store._spilling = False   # as after ENOSPC
+        keys = [key(i) for i in range(20)]
+        client.put_many(keys, [payload(i, size) for i in range(20)])
+        client.tier.touch(b"only-session", keys)
+        time.sleep(0.2)
+        assert client.tier.stats()["sessions_evicted"] == 0
+        assert all(client.pool.exists_many(keys))
+
+
+def test_small_quota_gets_small_segments(tmp_path):
+    with open_client(tmp_path, quota=16 << 20) as client:
+        assert client.tier.store.segment_bytes == 2 << 20

@@ -155,9 +155,13 @@ class EMSConnector(KVConnectorBase_V1):
             logger.exception("EMS lookup failed for request %s", request.request_id)
             tokens = 0
         self._computed[request.request_id] = num_computed_tokens
-        if tokens is None:   # its blocks are being prefetched: vLLM asks again later
-            return None, False
         return tokens, tokens > 0 and self.scheduler.async_loads
+
+    def on_new_request(self, request: "Request") -> None:
+        try:
+            self.scheduler.prefetch(request)
+        except Exception:  # a hint never fails a request
+            logger.exception("EMS prefetch hint failed for request %s", request.request_id)
 
     def update_state_after_alloc(self, request: "Request", blocks: "KVCacheBlocks",
                                  num_external_tokens: int) -> None:

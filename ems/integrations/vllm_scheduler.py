@@ -15,12 +15,12 @@ from dataclasses import dataclass, field
 from ems.errors import AttachError, MembershipError, TransferError
 from ems.keys import chain_keys, layer_keys
 from ems.pool import Pool
+from ems.integrations.vllm_prefetch import PrefetchSender
 from ems.tiering.view import SpillView
 
 logger = logging.getLogger(__name__)
 
 _ATTACH_RETRY_S = 1.0
-PREFETCH_WAIT_S = 1.0         # longest a request waits for its prefetch before it loads from disk
 
 
 @dataclass
@@ -41,8 +41,7 @@ class StepPlan:
     # their requests waiting). False: they finish within this step's forward pass.
     async_loads: bool = False
     # Spill tier hints (embedded mode with a spill directory):
-    prefetch: list[bytes] = field(default_factory=list)   # protect, and read into DRAM
-    unprotect: list[bytes] = field(default_factory=list)  # prefetched, never loaded
+    unprotect: list[bytes] = field(default_factory=list)  # prefetched, now loaded or dropped
     # session id (the key of a request's first block) -> layer keys it used this step
     sessions: dict[bytes, list[bytes]] = field(default_factory=dict)
 
@@ -56,8 +55,7 @@ class _Request:
     load_start: int = 0      # first block loaded from EMS
     load_end: int = 0        # one past the last block loaded from EMS
     saved_until: int = 0     # blocks below this index were saved or loaded
-    prefetch_at: float = 0.0              # monotonic time its prefetch was sent, 0: none
-    prefetched: list[bytes] = field(default_factory=list)
+    prefetched: list[bytes] = field(default_factory=list)   # keys protected for it
 
 
 class SchedulerSide:
@@ -66,8 +64,7 @@ class SchedulerSide:
                  prefetch: bool = True):
         self.pool_name = pool_name
         self.spill = SpillView(spill_dir) if spill_dir else None
-        self.prefetch = prefetch and self.spill is not None
-        self._prefetch_next: list[bytes] = []
+        self.hints = PrefetchSender(pool_name) if prefetch and self.spill else None
         self._unprotect_next: list[bytes] = []
         self.blocks_on_disk = 0
         self.client_factory = client_factory   # daemon modes: opens an ems.connect client
@@ -82,7 +79,6 @@ class SchedulerSide:
         self.lookups = 0
         self.blocks_matched = 0
         self.prefetches = 0
-        self.prefetch_timeouts = 0
 
     # -- pool access --
 
@@ -128,16 +124,12 @@ class SchedulerSide:
 
     # -- vLLM scheduler hooks --
 
-    def match(self, request, num_computed_tokens: int) -> int | None:
+    def match(self, request, num_computed_tokens: int) -> int:
         """Count prompt tokens beyond num_computed_tokens whose blocks are all in EMS.
 
         The last prompt token is never counted, so vLLM always computes at least one token
-        and produces logits. Only whole blocks are counted.
-
-        With a spill tier and prefetch on, a request whose prefix continues on disk gets
-        a prefetch (its blocks are read into DRAM and protected while it waits) and
-        None, which makes vLLM skip it this step and ask again; it is counted once its
-        blocks are in DRAM, or after PREFETCH_WAIT_S with the disk blocks loaded directly."""
+        and produces logits. Only whole blocks are counted. With a spill tier, blocks on
+        disk count too: the worker reads the ones that are not in DRAM by then."""
         state = self._request(request)
         usable = min(len(state.block_keys), (len(state.prompt) - 1) // self.block_size)
         first = num_computed_tokens // self.block_size
@@ -157,10 +149,6 @@ class SchedulerSide:
             on_disk = self.spill.exists_many(rest)
             merged = [a or b for a, b in zip(present[hits * self.num_layers:], on_disk)]
             disk_hits = self._leading_blocks(merged)
-            if disk_hits and self.prefetch:
-                waiting = self._prefetch_wait(state, probe[:(hits + disk_hits) * self.num_layers])
-                if waiting:
-                    return None
             self.blocks_on_disk += disk_hits
             hits += disk_hits
         self.blocks_matched += hits
@@ -174,19 +162,31 @@ class SchedulerSide:
             blocks += 1
         return blocks
 
-    def _prefetch_wait(self, state: _Request, keys: list[bytes]) -> bool:
-        """Send the prefetch of `keys` once; return True while the request should wait."""
-        now = time.monotonic()
-        if state.prefetch_at == 0.0:
-            state.prefetch_at = now
-            state.prefetched = keys
-            self._prefetch_next.extend(keys)
-            self.prefetches += 1
-            return True
-        if now - state.prefetch_at < PREFETCH_WAIT_S:
-            return True
-        self.prefetch_timeouts += 1
-        return False
+    def prefetch(self, request) -> None:
+        """Called when a request enters vLLM's waiting queue: when its prefix continues on
+        disk, ask the worker to read those blocks into DRAM now and to protect the whole
+        prefix until the request is scheduled."""
+        if self.hints is None:
+            return
+        state = self._request(request)
+        usable = min(len(state.block_keys), (len(state.prompt) - 1) // self.block_size)
+        pool = self._reader()
+        if usable <= 0 or pool is None:
+            return
+        probe = [key for block in range(usable) for key in self._layer_keys(state, block)]
+        present = pool.exists_many(probe)
+        in_dram = self._leading_blocks(present)
+        if in_dram == usable:
+            return
+        rest = probe[in_dram * self.num_layers:]
+        merged = [a or b for a, b in zip(present[in_dram * self.num_layers:],
+                                          self.spill.exists_many(rest))]
+        on_disk = self._leading_blocks(merged)
+        if not on_disk:
+            return
+        state.prefetched = probe[:(in_dram + on_disk) * self.num_layers]
+        self.hints.send(state.prefetched)
+        self.prefetches += 1
 
     def after_alloc(self, request, block_ids: list[int], num_external_tokens: int,
                     num_computed_tokens: int) -> None:
@@ -207,8 +207,10 @@ class SchedulerSide:
     def plan_step(self, scheduler_output) -> StepPlan:
         """Emit this step's loads and the saves of blocks this step completes."""
         plan = StepPlan(loads=self._pending_loads, async_loads=self.async_loads,
-                        prefetch=self._prefetch_next, unprotect=self._unprotect_next)
-        self._pending_loads, self._prefetch_next, self._unprotect_next = {}, [], []
+                        unprotect=self._unprotect_next)
+        self._pending_loads, self._unprotect_next = {}, []
+        if self.spill is not None:
+            self.spill.new_step()
         scheduled = scheduler_output.num_scheduled_tokens
 
         for new in scheduler_output.scheduled_new_reqs:
@@ -277,9 +279,11 @@ class SchedulerSide:
     def close(self) -> None:
         if self.spill is not None:
             logger.info("EMS scheduler: %d lookups, %d blocks matched, %d of them on disk; "
-                        "%d prefetches, %d timed out", self.lookups, self.blocks_matched,
-                        self.blocks_on_disk, self.prefetches, self.prefetch_timeouts)
+                        "%d prefetches", self.lookups, self.blocks_matched,
+                        self.blocks_on_disk, self.prefetches)
             self.spill.close()
+        if self.hints is not None:
+            self.hints.close()
         if self._pool is not None:
             self._pool.close()
             self._pool = None

@@ -34,6 +34,7 @@ from ems._core import default_slab_size
 from ems.client import EmbeddedClient
 from ems.integrations.copy_thread import CopyThread
 from ems.integrations.vllm_config import LOAD_MODES
+from ems.integrations.vllm_prefetch import PrefetchListener, socket_path
 from ems.pool import Pool
 from ems.tiering.tier import open_tier
 
@@ -73,6 +74,7 @@ class WorkerSide:
         self.spill = spill
         self.pool: Pool | None = None
         self._unprotect_later: list[bytes] = []
+        self._hints: PrefetchListener | None = None    # the scheduler's prefetch hints
         self._tier_seen: dict = {}       # spill tier counters at the last take_counters
         self._layers: list = []         # per layer: array of blocks, [num_blocks, block_bytes]
         self._device_layers: list = []  # per layer: the device tensor, when not on the CPU
@@ -121,6 +123,11 @@ class WorkerSide:
             pool.close()
             raise
         self.pool = EmbeddedClient(pool, tier)
+        try:
+            self._hints = PrefetchListener(self.pool_name, tier)
+        except OSError as exc:   # prefetch is an optimization: loads still read the disk
+            logger.warning("EMS prefetch hints disabled: cannot bind %s: %s",
+                           socket_path(self.pool_name), exc)
         logger.info("EMS spill tier in %s: quota %d bytes, %s eviction",
                     self.spill["directory"], self.spill["quota_bytes"], self.spill["policy"])
 
@@ -158,8 +165,6 @@ class WorkerSide:
         if self._unprotect_later:
             tier.unprotect(self._unprotect_later)
         self._unprotect_later = list(plan.unprotect)
-        if plan.prefetch:
-            tier.prefetch(plan.prefetch, protect=True)
         for session, keys in plan.sessions.items():
             tier.touch(session, keys)
     def end_forward(self) -> None:
@@ -387,6 +392,8 @@ class WorkerSide:
 
     def close(self) -> None:
         """Finish queued copies, then close the pool."""
+        if self._hints is not None:
+            self._hints.close()
         self._copies.close()
         self.take_counters()
         if self.pool is not None:

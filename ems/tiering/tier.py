@@ -24,13 +24,14 @@ import threading
 import time
 
 from ems import KEY_BYTES
-from ems.tiering.store import SpillStore
+from ems.errors import BufferSizeError
+from ems.tiering.store import DEFAULT_SEGMENT_BYTES, SpillStore
 
 log = logging.getLogger(__name__)
 
 POLICIES = ("clock", "session")
 # Modes of the transfer server's miss handler (ems._core.MISS_*).
-MISS_LOAD, MISS_PROBE, MISS_PREFETCH = 0, 1, 2
+MISS_LOAD, MISS_PROBE, MISS_PREFETCH, MISS_DELETE = 0, 1, 2, 3
 # Counters of SpillTier.stats(), in blocks unless the name says bytes.
 COUNTERS = ("hits", "misses", "promotions", "spills", "spill_failures", "spilled_bytes",
             "prefetch_requested", "prefetched", "prefetch_misses", "sessions_evicted",
@@ -50,7 +51,9 @@ def open_tier(pool, directory, quota_bytes: int, *, io: str = "auto", policy: st
     """Open (or reopen, indexing what is already there) a spill directory under `pool`."""
     if ring_bytes is None:
         ring_bytes = max(DEFAULT_RING_BYTES, 2 * pool.max_block_size)
-    store = SpillStore(directory, quota_bytes, io=io, writer_id=writer_id)
+    # Quota reclaim deletes whole segments, so a segment is at most an eighth of the quota.
+    segment = max(1 << 20, min(DEFAULT_SEGMENT_BYTES, quota_bytes // 8))
+    store = SpillStore(directory, quota_bytes, io=io, writer_id=writer_id, segment_bytes=segment)
     try:
         return SpillTier(pool, store, ring_bytes=ring_bytes, policy=policy, shared=shared)
     except BaseException:
@@ -91,6 +94,9 @@ class SpillTier:
         self._ring_buffer = bytearray(max(DRAIN_BYTES, max_block))
         self._work_buffer = bytearray(max(DRAIN_BYTES, max_block))
         self._drain_lock = threading.Lock()
+        # Serializes what writes DRAM under a key the tier also holds: promotion (a put and
+        # its SPILLED mark), deletes, and the puts of an EmbeddedClient over this tier.
+        self.write_lock = threading.Lock()
 
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -114,6 +120,11 @@ class SpillTier:
         Returns a hit flag per key. A buffer of the wrong size raises BufferSizeError."""
         if not keys:
             return []
+        for key, length, buffer in zip(keys, self.store.lengths(keys), buffers):
+            size = memoryview(buffer).nbytes
+            if length is not None and length != size:
+                raise BufferSizeError(f"buffer of {size} bytes does not match the {length}-byte "
+                                      f"block stored under key {bytes(key).hex()}")
         found = self._read_store(keys, buffers)
         hits = [key for key, ok in zip(keys, found) if ok]
         if hits:
@@ -140,8 +151,8 @@ class SpillTier:
         it last; unprotect when the blocks are used. Returns how many keys were queued."""
         keys = [bytes(key) for key in keys]
         if protect:
-            self.pool.protect(keys)
             with self._lock:
+                self.pool.protect(keys)
                 self._protected.update(keys)
         in_dram = self.pool.exists_many(keys)
         wanted = [key for key, present in zip(keys, in_dram) if not present]
@@ -159,10 +170,10 @@ class SpillTier:
         """Clear the protected mark of keys (prefetched with protect, now used or given up).
         Returns how many were in DRAM."""
         keys = [bytes(key) for key in keys]
-        with self._lock:
+        with self._lock:   # with _prefetch_batch's protect: an unprotect is never lost
             self._protected.difference_update(keys)
             self._protect_after.difference_update(keys)
-        return self.pool.unprotect(keys)
+            return self.pool.unprotect(keys)
 
     def miss_handler(self, mode: int, joined_keys: bytes) -> bytes:
         """The transfer server's miss handler (Server.set_miss_handler): keys the pool did
@@ -175,6 +186,8 @@ class SpillTier:
         elif mode == MISS_PREFETCH:
             found = self.probe(keys)
             self.prefetch([key for key, ok in zip(keys, found) if ok])
+        elif mode == MISS_DELETE:
+            found = self.delete(keys, in_dram=False)
         else:
             found = self.load(keys)
         return bytes(found)
@@ -200,6 +213,22 @@ class SpillTier:
             found[i] = hit
         self._counters["misses"] += len(keys) - len(wanted)
         return found
+
+    def delete(self, keys: list[bytes], *, in_dram: bool = True) -> list[bool]:
+        """Delete the keys from DRAM (unless in_dram is False: the caller did) and from disk,
+        including blocks evicted a moment ago and still in the pool's ring. Returns, per
+        key, whether either level held it."""
+        keys = [bytes(key) for key in keys]
+        with self.write_lock:
+            in_pool = self.pool.delete_many(keys) if in_dram else [False] * len(keys)
+            self._drain()
+            on_disk = self.store.delete_many(keys)
+        return [a or b for a, b in zip(in_pool, on_disk)]
+
+    def kick(self) -> None:
+        """Wake the background thread now (after puts that may have evicted blocks), rather
+        than at its next TICK_S."""
+        self._wake.set()
 
     # ---- sessions ---------------------------------------------------------------------
 
@@ -280,6 +309,11 @@ class SpillTier:
                 moved += len(keys)
 
     def _spill(self, keys: list[bytes], views: list) -> None:
+        new = [i for i, present in enumerate(self.store.exists_many(keys)) if not present]
+        if len(new) < len(keys):   # on disk already (a promoted block evicted before marked)
+            keys, views = [keys[i] for i in new], [views[i] for i in new]
+        if not keys:
+            return
         stored = self.store.put_many(keys, views)
         count = sum(stored)
         self._counters["spills"] += count
@@ -325,65 +359,34 @@ class SpillTier:
         with self._lock:
             protect = [key for key in keys if key in self._protect_after]
             self._protect_after.difference_update(keys)
-        if protect:
-            self.pool.protect(protect)
+            if protect:
+                self.pool.protect(protect)
         self._counters["prefetched"] += done
         self._counters["prefetch_misses"] += missing
         return done
 
     def _evict_sessions(self) -> int:
-        """Move whole sessions, longest-unused first, from DRAM to disk while the pool is
-        above HIGH_WATERMARK, until it is below LOW_WATERMARK. Returns blocks moved."""
+        """Evict whole sessions, longest-unused first, while the pool is above
+        HIGH_WATERMARK, until it is below LOW_WATERMARK. They leave DRAM as CLOCK victims
+        do (through the ring, to disk); protected blocks stay. Nothing is evicted while the
+        store does not take blocks (after ENOSPC): CLOCK alone decides then. Returns the
+        sessions evicted."""
         stats = self.pool.stats()
-        capacity = stats["capacity_bytes"]
-        used = stats["bytes_used"]
-        if used <= HIGH_WATERMARK * capacity:
+        capacity, used = stats["capacity_bytes"], stats["bytes_used"]
+        if used <= HIGH_WATERMARK * capacity or not self.store.stats()["spilling"]:
             return 0
         with self._lock:
             order = sorted(self._sessions.items(), key=lambda item: item[1][0])
-        moved = 0
+        evicted = 0
         for session, (_, keys) in order:
             if used <= LOW_WATERMARK * capacity:
                 break
-            freed, count = self._move_down(list(keys))
-            used -= freed
-            moved += count
+            used -= self.pool.evict_many(list(keys))
+            evicted += 1
             with self._lock:
                 self._sessions.pop(session, None)
-            self._counters["sessions_evicted"] += 1
-        return moved
-
-    def _move_down(self, keys: list[bytes]) -> tuple[int, int]:
-        """Copy the keys' DRAM blocks to disk, then delete them from DRAM. Protected blocks
-        stay (a waiting request needs them). Returns (bytes freed, blocks moved)."""
-        freed = moved = 0
-        with self._lock:
-            keys = [key for key in keys if key not in self._protected]
-        lengths = self.pool.lengths_many(keys)
-        present = [(key, n) for key, n in zip(keys, lengths) if n > 0]
-        view = memoryview(self._work_buffer)
-        while present:
-            batch, total = [], 0
-            while present and (not batch or total + present[0][1] <= len(self._work_buffer)):
-                batch.append(present.pop(0))
-                total += batch[-1][1]
-            views, offset = [], 0
-            for _, length in batch:
-                views.append(view[offset:offset + length])
-                offset += length
-            batch_keys = [key for key, _ in batch]
-            got = self.pool.get_many_into(batch_keys, views)
-            keep = [i for i, ok in enumerate(got) if ok]
-            on_disk = self.store.exists_many([batch_keys[i] for i in keep])
-            new = [i for i, spilled in zip(keep, on_disk) if not spilled]
-            if new:
-                self._spill([batch_keys[i] for i in new], [views[i] for i in new])
-            deleted = self.pool.delete_many([batch_keys[i] for i in keep])
-            for i, gone in zip(keep, deleted):
-                if gone:
-                    freed += batch[i][1]
-                    moved += 1
-        return freed, moved
+        self._counters["sessions_evicted"] += evicted
+        return evicted
 
     def _publish_if_idle(self, moved: int) -> None:
         """Publish the store's open segment after IDLE_PUBLISH_S without spills, so other
@@ -412,10 +415,17 @@ class SpillTier:
         return found
 
     def _promote(self, keys: list[bytes], buffers: list) -> None:
+        """Put blocks read from disk back into DRAM, marked as on disk already. A key
+        deleted since the read is skipped, so a delete is never undone."""
         if not keys:
             return
-        self.pool.put_many(keys, buffers)
-        self.pool.mark_spilled(keys)
+        with self.write_lock:
+            still = self.store.exists_many(keys)
+            if not all(still):
+                keys = [key for key, ok in zip(keys, still) if ok]
+                buffers = [buffer for buffer, ok in zip(buffers, still) if ok]
+            self.pool.put_many(keys, buffers)
+            self.pool.mark_spilled(keys)
         self._counters["promotions"] += len(keys)
 
     def _refresh_due(self) -> bool:

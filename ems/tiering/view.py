@@ -19,7 +19,7 @@ from ems.tiering.store import SpillStore
 
 log = logging.getLogger(__name__)
 
-RESCAN_S = 0.2      # the directory is rescanned at most this often
+RESCAN_S = 0.2      # without new_step() calls, the directory is rescanned this often
 
 
 class SpillView:
@@ -27,14 +27,20 @@ class SpillView:
         self.directory = os.fspath(directory)
         self._store: SpillStore | None = None
         self._scanned = 0.0
+        self._stale = True
         # open segment file name -> (bytes scanned, keys of its complete records)
         self._open: dict[str, tuple[int, set[bytes]]] = {}
 
+    def new_step(self) -> None:
+        """The engine ran a step, so the writer may have spilled: the next lookup rescans.
+        Lookups between two steps share one scan."""
+        self._stale = True
+
     def exists_many(self, keys: list[bytes]) -> list[bool]:
-        """Say, per key, whether the directory holds it, rescanning at most every RESCAN_S."""
+        """Say, per key, whether the directory holds it."""
         now = time.monotonic()
-        if now - self._scanned >= RESCAN_S:
-            self._scanned = now
+        if self._stale or now - self._scanned >= RESCAN_S:
+            self._scanned, self._stale = now, False
             self._rescan()
         if self._store is None:
             return [False] * len(keys)
