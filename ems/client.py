@@ -751,7 +751,7 @@ def _key_list(keys) -> list[bytes]:
 
 
 def _check_sizes(keys, buffers, indices, results) -> None:
-    """Raise BufferSizeError for the first GET result that says the buffer is the wrong size."""
+    """Raise BufferSizeError for the first GET result of EMSGSIZE (a buffer of another size)."""
     for i, r in zip(indices, results):
         if r == -errno.EMSGSIZE:
             raise BufferSizeError(
@@ -760,7 +760,7 @@ def _check_sizes(keys, buffers, indices, results) -> None:
 
 
 def _buffer_list(buffers, n: int) -> list:
-    """One buffer per key: a list as given, or one buffer split evenly (as Pool does)."""
+    """Return one buffer per key: a list as given, or one buffer split evenly (as Pool does)."""
     if isinstance(buffers, (list, tuple)):
         return list(buffers)
     view = memoryview(buffers).cast("B")

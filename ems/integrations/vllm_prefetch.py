@@ -1,7 +1,7 @@
 """Prefetch hints from the vLLM scheduler process to the worker that owns the spill tier.
 
 The scheduler learns of a request when it enters vLLM's waiting queue (on_new_request), which
-can be a whole step before the request is scheduled; step metadata would reach the worker
+can be a whole step before the request is scheduled. Step metadata would reach the worker
 only with the step that loads the blocks. So hints go at once, as datagrams on a Unix socket
 next to the pool's name record: each datagram is a run of 32-byte keys to read from disk
 into DRAM and protect. Sending never blocks; a hint that cannot be sent is dropped (the load

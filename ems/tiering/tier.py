@@ -2,7 +2,7 @@
 
 Blocks move down and up like this:
   down  the pool copies each block it evicts into its spill ring (C, under the pool
-        mutex); the tier's background thread drains the ring in batches and appends the
+        mutex). The tier's background thread drains the ring in batches and appends the
         blocks to the store. Blocks already on disk are flagged in the pool, so evicting
         them again copies nothing. The "session" policy also moves whole sessions down
         before the pool fills (see _evict_sessions).
@@ -235,9 +235,8 @@ class SpillTier:
     def touch(self, session: bytes, keys: list[bytes]) -> None:
         """Record that `keys` belong to `session` and that it was used now (session policy).
 
-        A key counts for the last session that touched it only in the sense that moving
-        either session down moves the block; keys shared by sessions are rare in KV chains
-        (they share a root, hence a session id) and harmless when spilled twice."""
+        A key touched by two sessions leaves DRAM with whichever is evicted first. In KV
+        chains that is rare, because blocks with a common root share a session id."""
         if self.policy != "session":
             return
         now = time.monotonic()

@@ -1,9 +1,9 @@
 """SpillView: which keys a spill directory holds, as seen by a process that does not write it.
 
 The vLLM scheduler uses it to count blocks the worker spilled. It indexes published segments
-through a read-only SpillStore and also reads the record headers of segments that writers
-still have open, resuming each file where the last scan stopped: a busy writer publishes a
-segment only when it is full, and its blocks must count before that.
+through a read-only SpillStore. It also reads the record headers of segments that writers
+still have open, resuming each file where the last scan stopped, because a busy writer
+publishes a segment only when it is full and its blocks must count before that.
 
 A key it names is a hint. The writer reads the block through its own index and checksums,
 so a record that was torn, reclaimed or never finished costs a miss there, never wrong bytes.
@@ -32,12 +32,12 @@ class SpillView:
         self._open: dict[str, tuple[int, set[bytes]]] = {}
 
     def new_step(self) -> None:
-        """The engine ran a step, so the writer may have spilled: the next lookup rescans.
-        Lookups between two steps share one scan."""
+        """Mark the view stale after an engine step (the writer may have spilled since), so
+        the next lookup rescans. Lookups between two steps share one scan."""
         self._stale = True
 
     def exists_many(self, keys: list[bytes]) -> list[bool]:
-        """Say, per key, whether the directory holds it."""
+        """Return, per key, whether the directory has a record of it."""
         now = time.monotonic()
         if self._stale or now - self._scanned >= RESCAN_S:
             self._scanned, self._stale = now, False
