@@ -1026,7 +1026,8 @@ static void tier_handler(void *arg, int mode, const uint8_t *keys, uint64_t n, u
     tier_ctx_t *ctx = arg;
     CHECK(!atomic_load(&ctx->retired));
     CHECK(!ctx->stopped || !atomic_load(ctx->stopped));
-    CHECK(mode == EMS_MISS_LOAD || mode == EMS_MISS_PROBE || mode == EMS_MISS_PREFETCH);
+    CHECK(mode == EMS_MISS_LOAD || mode == EMS_MISS_PROBE || mode == EMS_MISS_PREFETCH ||
+          mode == EMS_MISS_DELETE);
     CHECK(n > 0);
     atomic_fetch_add(&ctx->active, 1);
     atomic_store(&ctx->entered, 1);
