@@ -274,13 +274,14 @@ class Target:
 
     def miss_handler(self, mode, keys):
         """The lower tier: LOAD puts TIER_BLOCK into the pool, PROBE and PREFETCH only
-        report it (a prefetch that completes at once)."""
+        report it (a prefetch that completes at once), DELETE removes it."""
         if len(keys) % 32 or not keys or mode not in (core.MISS_LOAD, core.MISS_PROBE,
-                                                       core.MISS_PREFETCH):
+                                                       core.MISS_PREFETCH, core.MISS_DELETE):
             self.bad_handler_calls.append((mode, len(keys)))
         found = bytearray(len(keys) // 32)
         for i in range(len(found)):
-            block = self.tier.get(keys[32 * i:32 * i + 32])
+            key = keys[32 * i:32 * i + 32]
+            block = self.tier.pop(key, None) if mode == core.MISS_DELETE else self.tier.get(key)
             if block is None:
                 continue
             if mode == core.MISS_LOAD:
