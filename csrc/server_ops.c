@@ -476,9 +476,8 @@ static int op_delete(ems_srv_conn_t *conn, const ems_frame_t *req)
     uint32_t arg;
     if (parse_batch(conn, req, 0, &n, &arg) < 0 || out_room(conn, req, 9 * n) < 0)
         return 0;
-    /* The pool first, so no eviction can spill a key again after the lower tier dropped it;
-     * then every key goes to one DELETE call (none counts as present). A key either level
-     * held is reported deleted. */
+    /* The pool first, so no eviction can spill a key again after the lower tier dropped it.
+     * Then every key goes to one DELETE call, and a key either level held is reported deleted. */
     uint8_t *gone = conn->out + 8 * n;
     memset(gone, 0, n);
     for (uint64_t i = 0; i < n; i++)

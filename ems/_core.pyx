@@ -744,23 +744,6 @@ cdef class _CorePool:
             self._leave()
             free(out)
 
-    def lengths_many(self, keys):
-        """Return the block length of each key, 0 where the key is not stored."""
-        cdef KeyBatch batch = KeyBatch(keys)
-        cdef Py_ssize_t n = batch.n, i
-        cdef int64_t *out = <int64_t *>malloc(max(n, 1) * sizeof(int64_t))
-        if out == NULL:
-            raise MemoryError(f"cannot allocate a batch of {n}")
-        self._enter()
-        try:
-            with nogil:
-                for i in range(n):
-                    out[i] = ems_pool_length(&self.pool, batch.data + i * 32)
-            return [out[i] if out[i] > 0 else 0 for i in range(n)]
-        finally:
-            self._leave()
-            free(out)
-
     def delete_many(self, keys):
         """Delete each key (owner only). Returns a list telling which keys were stored."""
         cdef KeyBatch batch = KeyBatch(keys)

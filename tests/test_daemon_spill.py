@@ -1,8 +1,8 @@
 """Daemons with a spill tier: real `ems serve` processes, real directories, loopback TCP.
 
-A daemon's pool is kept small (16 MiB) so that the blocks written through it are evicted
-to its spill directory; reads then come back from disk through the daemon's miss handler,
-over the local socket and over TCP. Payloads derive from their keys and are checked byte
+A daemon's pool is kept small (16 MiB), so the blocks written through it are evicted to its
+spill directory. Reads then come back from disk through the daemon's miss handler, over the
+local socket and over TCP. Payloads derive from their keys and are checked byte
 for byte.
 """
 import hashlib

@@ -100,7 +100,7 @@ class ConnectorConfig:
     prefetch: bool = True
 
     def spill_settings(self) -> dict | None:
-        """The worker's spill tier settings, or None without a spill directory."""
+        """Return the worker's spill tier settings, or None without a spill directory."""
         if not self.spill_dir:
             return None
         return dict(directory=self.spill_dir, quota_bytes=self.spill_bytes,

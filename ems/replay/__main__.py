@@ -94,7 +94,7 @@ def parse_args(argv):
 
 
 def _connector_config(pool_bytes, **spill):
-    """The kv_transfer_config of an EMS pass; `spill` adds spill tier settings."""
+    """Return the kv_transfer_config of an EMS pass; `spill` adds spill tier settings."""
     extra = {"pool_capacity_bytes": pool_bytes, "pool_name": f"ems-replay-{os.getpid()}",
              **spill}
     return {"kv_connector": "EMSConnector", "kv_connector_module_path": CONNECTOR_MODULE,

@@ -223,7 +223,7 @@ def table(report):
 
 
 def _tier_line(label, counters):
-    """One line on where an EMS pass's loads came from (counts are EMS blocks, per layer)."""
+    """Format where an EMS pass's loads came from (counts are EMS blocks, one per layer)."""
     loaded = counters.get("blocks_loaded", 0)
     return (f"{label}: {loaded} vLLM blocks loaded from EMS, {counters['disk_reads']} block "
             f"layers read from disk on load, {counters.get('prefetched', 0)} prefetched, "

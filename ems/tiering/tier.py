@@ -205,10 +205,7 @@ class SpillTier:
             self._counters["misses"] += len(keys)
             return found
         staging = bytearray(sum(lengths[i] for i in wanted))
-        view, views, offset = memoryview(staging), [], 0
-        for i in wanted:
-            views.append(view[offset:offset + lengths[i]])
-            offset += lengths[i]
+        views = _views(staging, [lengths[i] for i in wanted])
         for i, hit in zip(wanted, self.read_into([keys[i] for i in wanted], views)):
             found[i] = hit
         self._counters["misses"] += len(keys) - len(wanted)
@@ -294,17 +291,12 @@ class SpillTier:
         Readers that miss call it too: a block taken out of the ring is on disk once the
         lock is released, so no block is in neither DRAM, the ring nor the store."""
         moved = 0
-        buffer = memoryview(self._ring_buffer)
         with self._drain_lock:
             while True:
                 keys, lengths = self.pool.take_evicted(self._ring_buffer, 1 << 16)
                 if not keys:
                     return moved
-                views, offset = [], 0
-                for length in lengths:
-                    views.append(buffer[offset:offset + length])
-                    offset += length
-                self._spill(keys, views)
+                self._spill(keys, _views(self._ring_buffer, lengths))
                 moved += len(keys)
 
     def _spill(self, keys: list[bytes], views: list) -> None:
@@ -339,16 +331,15 @@ class SpillTier:
         lengths = self.store.lengths(keys)
         wanted = [(key, n) for key, n in zip(keys, lengths) if n is not None]
         missing = len(keys) - len(wanted)
-        done = 0
-        while wanted:
-            batch, total = [], 0
-            while wanted and (not batch or total + wanted[0][1] <= len(self._work_buffer)):
-                batch.append(wanted.pop(0))
-                total += batch[-1][1]
-            view, views, offset = memoryview(self._work_buffer), [], 0
-            for _, length in batch:
-                views.append(view[offset:offset + length])
-                offset += length
+        done = start = 0
+        while start < len(wanted):
+            # As many blocks as fit the work buffer (always at least one).
+            end, total = start + 1, wanted[start][1]
+            while end < len(wanted) and total + wanted[end][1] <= len(self._work_buffer):
+                total += wanted[end][1]
+                end += 1
+            batch, start = wanted[start:end], end
+            views = _views(self._work_buffer, [length for _, length in batch])
             batch_keys = [key for key, _ in batch]
             found = self._read_store(batch_keys, views)
             hits = [key for key, ok in zip(batch_keys, found) if ok]
@@ -436,3 +427,12 @@ class SpillTier:
         self._last_refresh = now
         self.store.refresh()
         return True
+
+
+def _views(buffer, lengths: list[int]) -> list[memoryview]:
+    """Split the start of buffer into consecutive views of the given lengths."""
+    view, views, offset = memoryview(buffer), [], 0
+    for length in lengths:
+        views.append(view[offset:offset + length])
+        offset += length
+    return views
