@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import pytest
@@ -404,3 +405,32 @@ def test_session_policy_keeps_dram_when_disk_refuses(tmp_path, monkeypatch):
 def test_small_quota_gets_small_segments(tmp_path):
     with open_client(tmp_path, quota=16 << 20) as client:
         assert client.tier.store.segment_bytes == 2 << 20
+
+
+def test_read_during_drain_hits(tmp_path, monkeypatch):
+    """A reader that misses while the background thread writes its block from the ring to
+    disk waits for that write and then finds the block."""
+    size = 256 << 10
+    with open_client(tmp_path) as client:
+        put_many = client.tier.store.put_many
+        writing, release = threading.Event(), threading.Event()
+
+        def slow_put_many(keys, views):
+            if threading.current_thread().name == "ems-spill":
+                writing.set()
+                release.wait(10)
+            return put_many(keys, views)
+
+        monkeypatch.setattr(client.tier.store, "put_many", slow_put_many)
+        for i in range(40):   # evicts the first blocks into the ring
+            client.put(key(i), payload(i, size))
+        client.tier.kick()
+        assert writing.wait(10), "the background thread did not start a drain"
+        # The first block left the ring with the drain that is now blocked: it is in
+        # neither DRAM nor the store yet.
+        assert not client.pool.exists(key(0))
+        assert not client.tier.store.exists_many([key(0)])[0]
+        threading.Timer(0.2, release.set).start()
+        buffer = bytearray(size)
+        assert client.get_into(key(0), buffer), "a block being spilled was a miss"
+        assert buffer == payload(0, size)

@@ -138,7 +138,8 @@ class SpillTier:
         if not keys:
             return []
         present = self.store.exists_many(keys)
-        if not all(present) and self._drain():
+        if not all(present):
+            self._drain()
             present = self.store.exists_many(keys)
         if self.shared and not all(present) and self._refresh_due():
             present = self.store.exists_many(keys)
@@ -195,7 +196,8 @@ class SpillTier:
     def load(self, keys: list[bytes]) -> list[bool]:
         """Promote the keys' blocks from disk into DRAM now. Returns a hit flag per key."""
         lengths = self.store.lengths(keys)
-        if None in lengths and self._drain():
+        if None in lengths:
+            self._drain()
             lengths = self.store.lengths(keys)
         if self.shared and None in lengths and self._refresh_due():
             lengths = self.store.lengths(keys)
@@ -288,8 +290,10 @@ class SpillTier:
     def _drain(self) -> int:
         """Append every block waiting in the pool's ring to the store. Returns blocks moved.
 
-        Readers that miss call it too: a block taken out of the ring is on disk once the
-        lock is released, so no block is in neither DRAM, the ring nor the store."""
+        Readers that miss call it too. A block taken out of the ring is on disk once the
+        lock is released, so no block is in neither DRAM, the ring nor the store. Readers
+        look again whatever this returns, because a reader that waited for the background
+        thread's drain gets 0 although its block has just reached the store."""
         moved = 0
         with self._drain_lock:
             while True:
@@ -391,7 +395,8 @@ class SpillTier:
 
     def _read_store(self, keys: list[bytes], buffers: list) -> list[bool]:
         found = self.store.get_many_into(keys, buffers)
-        if not all(found) and self._drain():
+        if not all(found):
+            self._drain()
             found = self._read_again(keys, buffers, found)   # evicted a moment ago
         if self.shared and not all(found) and self._refresh_due():
             found = self._read_again(keys, buffers, found)
