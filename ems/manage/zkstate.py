@@ -1,0 +1,67 @@
+"""Where activation lives in ZooKeeper, next to the cluster's membership.
+
+    /ems/clusters/<cluster>/activation   the credential token that activated the cluster
+    /ems/clusters/<cluster>/standing     the service's latest signed standing notice
+
+Both are persistent znodes of ASCII token text. Anyone may write them (the ensemble's ACL
+is open, as for membership); daemons trust only what verifies with the service's public
+key, so a written token can at most be replaced by an older genuine one.
+"""
+from __future__ import annotations
+
+from kazoo.client import KazooClient
+from kazoo.exceptions import NoNodeError, NodeExistsError
+
+from ems.cluster.membership import ROOT, check_name
+from ems.errors import MembershipError
+
+CONNECT_TIMEOUT_S = 10.0
+
+
+def activation_path(cluster: str) -> str:
+    check_name("cluster name", cluster)
+    return f"{ROOT}/{cluster}/activation"
+
+
+def standing_path(cluster: str) -> str:
+    check_name("cluster name", cluster)
+    return f"{ROOT}/{cluster}/standing"
+
+
+def connect(hosts: str, timeout: float = CONNECT_TIMEOUT_S) -> KazooClient:
+    """Start a kazoo client or raise MembershipError naming the hosts."""
+    client = KazooClient(hosts=hosts, timeout=timeout)
+    try:
+        client.start(timeout=timeout)
+    except client.handler.timeout_exception:
+        client.close()
+        raise MembershipError(f"ZooKeeper at {hosts} did not answer within {timeout:g} s; "
+                              f"check that it is running and reachable") from None
+    return client
+
+
+def write(client: KazooClient, path: str, token: str) -> None:
+    """Create or replace the znode at `path` with `token`."""
+    data = token.encode("ascii")
+    try:
+        client.create(path, data, makepath=True)
+    except NodeExistsError:
+        client.set(path, data)
+
+
+def read(client: KazooClient, path: str) -> str | None:
+    try:
+        data, _ = client.get(path)
+    except NoNodeError:
+        return None
+    return data.decode("ascii", "replace") if data else None
+
+
+def publish(hosts: str, path: str, token: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
+    """Write one token through a short-lived connection (the CLI and the service use it)."""
+    client = connect(hosts, timeout)
+    try:
+        write(client, path, token)
+    finally:
+        client.stop()
+        client.close()
