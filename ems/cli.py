@@ -6,6 +6,9 @@
     ems stats [--watch SECONDS]    pool statistics of every daemon (python -m ems.admin stats)
     ems nodes                      cluster members and PING times (python -m ems.admin nodes)
     ems route --tokens ... ...     the node with the longest cached prefix (python -m ems.admin route)
+    ems manage init|serve ...      the management service (ems.manage.cli)
+    ems account|access-key|cluster|credential|bill ...
+                                   signed calls to the management API (ems.manage.cli)
 
 Each subcommand takes the options of the module it runs; `ems SUBCOMMAND --help` lists them.
 """
@@ -18,6 +21,15 @@ SUBCOMMANDS = {
     "stats": ("ems.admin:stats_main", "pool statistics of every daemon, by node and tier"),
     "nodes": ("ems.admin:nodes_main", "cluster members, their addresses and PING times"),
     "route": ("ems.admin:route_main", "find the node with the longest cached prefix of a prompt"),
+    "manage": ("ems.manage.cli:manage_main", "management service: `init` a directory, `serve` "
+               "the REST API over HTTPS"),
+    "account": ("ems.manage.cli:account_main", "your account, balance and arrears; accounts "
+                "and top-ups (admin)"),
+    "access-key": ("ems.manage.cli:access_key_main", "your access keys for the management API"),
+    "cluster": ("ems.manage.cli:cluster_main", "register, list and delete clusters"),
+    "credential": ("ems.manage.cli:credential_main", "issue, list and revoke activation "
+                   "credentials"),
+    "bill": ("ems.manage.cli:bill_main", "itemised bill: node-hours per hour and cluster"),
     "replay": ("ems.replay.__main__", "multi-turn replay of real conversations through vLLM"),
     "build-model": ("ems.tools.build_model", "build the small random-weight model and tokenizer"),
 }

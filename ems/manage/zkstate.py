@@ -65,3 +65,13 @@ def publish(hosts: str, path: str, token: str, timeout: float = CONNECT_TIMEOUT_
     finally:
         client.stop()
         client.close()
+
+
+def check_hosts(hosts: str) -> None:
+    """Raise ValueError unless `hosts` reads as ZooKeeper's host:port[,host:port...]."""
+    if not isinstance(hosts, str) or not 1 <= len(hosts) <= 1000:
+        raise ValueError(f"ZooKeeper hosts {hosts!r} must be 1 to 1000 characters")
+    for part in hosts.split("/", 1)[0].split(","):
+        host, _, port = part.strip().rpartition(":")
+        if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise ValueError(f"ZooKeeper hosts {hosts!r}: {part!r} is not host:port")

@@ -1,0 +1,166 @@
+"""Metering: counts each cluster's working nodes at every sample time and keeps standing
+notices current.
+
+A node works normally when it is registered in the cluster's ZooKeeper, answers its
+`/activation` endpoint within PROBE_TIMEOUT_S, and says it serves under a credential of the
+cluster's account. A sample is recorded once per cluster and time (the store ignores a
+second one), so a restarted service never counts a sample time twice. A sample time
+the service missed (it was down for more than GRACE_S after it) is not recorded: the
+service cannot know the past, and an unrecorded sample bills nothing.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+from kazoo.exceptions import NoNodeError
+
+from ems.cluster.membership import ROOT, NodeRecord
+from ems.manage import billing, zkstate
+
+log = logging.getLogger("ems.manage.sampler")
+
+GRACE_S = 120          # a sample time is still taken this long after it passed
+LOOP_S = 5.0           # how often the sampler wakes up
+PROBE_TIMEOUT_S = 2.0  # per node
+DELETED_RETRY_S = 86400   # deleted clusters' notices are retried this long
+
+
+class Sampler:
+    def __init__(self, service, probe=None):
+        self.service = service
+        self.probe = probe or ZooKeeperProbe()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # ---- one pass ----------------------------------------------------------------------
+
+    def step(self) -> None:
+        """Take the latest sample time if it is due, then write changed standing notices."""
+        now = self.service.now()
+        due = billing.last_sample_time(now)
+        if now - due <= GRACE_S:
+            self.sample_at(due)
+        self.publish_changed(now)
+
+    def sample_at(self, t: int) -> dict[str, int]:
+        """Sample every live cluster that lacks sample time t. Returns cluster id -> nodes
+        for the samples recorded."""
+        store = self.service.store
+        recorded = {}
+        for cluster in store.clusters(live_only=True):
+            if cluster["created"] > t or store.has_sample(cluster["id"], t):
+                continue
+            try:
+                nodes = self.probe.count(cluster)
+            except Exception as exc:   # retried on the next pass within GRACE_S
+                log.warning("sample %d of cluster %s (%s) failed: %s", t, cluster["id"],
+                            cluster["name"], exc)
+                continue
+            if store.record_sample(cluster["id"], t, nodes):
+                recorded[cluster["id"]] = nodes
+                if nodes and cluster["activated"] is None:
+                    store.mark_activated(cluster["id"], t)
+        if recorded:
+            log.info("sample %d: %s", t, ", ".join(f"{cid} {n} nodes"
+                                                    for cid, n in recorded.items()))
+        return recorded
+
+    def publish_changed(self, now: int) -> None:
+        for cluster in self.service.store.clusters():
+            if cluster["deleted"] is not None and now - cluster["deleted"] > DELETED_RETRY_S:
+                continue
+            self.service.publish_standing(cluster, force=False)
+
+    # ---- background thread -------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="ems-sampler", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+        self.probe.close()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.step()
+            except Exception:   # one bad pass must not end metering
+                log.exception("sampler pass failed")
+            self._stop.wait(LOOP_S)
+
+
+class ZooKeeperProbe:
+    """Counts a cluster's working nodes through its ZooKeeper and the nodes' HTTP
+    endpoints. Keeps one ZooKeeper client per ensemble."""
+
+    def __init__(self):
+        self._clients = {}
+        self._pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="ems-probe")
+
+    def count(self, cluster: dict) -> int:
+        records = self.records(cluster)
+        answers = self._pool.map(node_serves, records)
+        return sum(1 for serves in answers if serves == cluster["account"])
+
+    def records(self, cluster: dict) -> list[NodeRecord]:
+        client = self._client(cluster["zookeeper"])
+        path = f"{ROOT}/{cluster['name']}/nodes"
+        try:
+            names = client.get_children(path)
+        except NoNodeError:
+            return []
+        except Exception:
+            self._drop(cluster["zookeeper"])
+            raise
+        records = []
+        for name in names:
+            try:
+                data, _ = client.get(f"{path}/{name}")
+                records.append(NodeRecord.from_json(data))
+            except NoNodeError:   # left between the listing and the read
+                continue
+            except ValueError as exc:
+                log.warning("cluster %s: unreadable record of node %s: %s", cluster["name"],
+                            name, exc)
+        return records
+
+    def _client(self, hosts: str):
+        client = self._clients.get(hosts)
+        if client is None:
+            client = self._clients[hosts] = zkstate.connect(hosts)
+        return client
+
+    def _drop(self, hosts: str) -> None:
+        client = self._clients.pop(hosts, None)
+        if client is not None:
+            client.stop()
+            client.close()
+
+    def close(self) -> None:
+        for hosts in list(self._clients):
+            self._drop(hosts)
+        self._pool.shutdown(wait=False)
+
+
+def node_serves(record: NodeRecord) -> str | None:
+    """The account a node serves under, from its /activation endpoint; None when it does
+    not serve, does not answer, or has no metrics endpoint."""
+    if not record.metrics_port:
+        return None
+    host = f"[{record.host}]" if ":" in record.host else record.host
+    url = f"http://{host}:{record.metrics_port}/activation"
+    try:
+        with urllib.request.urlopen(url, timeout=PROBE_TIMEOUT_S) as response:
+            state = json.loads(response.read(65536))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(state, dict) or state.get("serving") is not True:
+        return None
+    return state.get("account") if isinstance(state.get("account"), str) else None
