@@ -26,6 +26,7 @@ log = logging.getLogger("ems.manage")
 
 MAX_CREDENTIAL_LIFETIME_S = 3 * 366 * 86400
 DEFAULT_CREDENTIAL_LIFETIME_S = 365 * 86400
+PUBLISH_TIMEOUT_S = 3.0   # an API call waits this long for an unreachable ZooKeeper
 
 
 def money(value) -> str:
@@ -178,7 +179,8 @@ class Service:
             self._published.pop(cluster["id"], None)
             try:
                 zkstate.publish(cluster["zookeeper"], zkstate.standing_path(cluster["name"]),
-                                tokens.sign_standing(self.signing_key, standing))
+                                tokens.sign_standing(self.signing_key, standing),
+                                timeout=PUBLISH_TIMEOUT_S)
             except Exception as exc:   # ZooKeeper down or unreachable: retried later
                 log.warning("standing notice of cluster %s (%s) not written to ZooKeeper %s: "
                             "%s; retrying on the next sampler pass", cluster["id"],
