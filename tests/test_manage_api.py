@@ -317,3 +317,12 @@ def test_metrics_show_balance(rig, acme):
         text = response.read().decode()
     assert f'ems_manage_account_balance{{account="{created["id"]}"}} 12.5' in text
     assert f'ems_manage_account_in_arrears{{account="{created["id"]}"}} 0.0' in text
+
+
+def test_oversized_body_rejected_before_reading(rig, acme):
+    client, _ = acme
+    body = {"name": "x" * (70 << 10), "zookeeper": "127.0.0.1:2181"}
+    status, reason = status_and_reason(client, "POST", "/v1/clusters", body=body)
+    assert status == 413
+    assert "exceeds the limit of 65536 bytes" in reason
+    assert client.call("GET", "/v1/clusters")["clusters"] == []

@@ -25,6 +25,7 @@ from ems.manage.service import (DEFAULT_CREDENTIAL_LIFETIME_S, Forbidden, Servic
 from ems.manage.store import Conflict, NotFound
 
 MONTH_PATTERN = re.compile(r"(\d{4})-(\d{2})")
+MAX_BODY_BYTES = 64 << 10   # every request body of this API is a small JSON object
 
 
 class Caller:
@@ -91,13 +92,26 @@ def create_app(service: Service, audit: AuditLog) -> FastAPI:
         request.state.account = account
         return Caller(account, key_id)
 
+    def error(request: Request, status: int, kind: str, reason: str, headers=None):
+        request.state.reason = reason
+        return JSONResponse({"error": kind, "reason": reason}, status_code=status,
+                            headers=headers)
+
     @app.middleware("http")
     async def audit_calls(request: Request, call_next):
         request.state.account = None
         request.state.key_id = None
         request.state.resource = None
         request.state.reason = None
-        response = await call_next(request)
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
+            response = error(request, 413, "too_large", f"request body of {length[:20]} bytes "
+                             f"exceeds the limit of {MAX_BODY_BYTES} bytes")
+        elif length is None and "chunked" in request.headers.get("transfer-encoding", ""):
+            response = error(request, 411, "length_required",
+                             "send the body with a Content-Length header, not chunked")
+        else:
+            response = await call_next(request)
         route = request.scope.get("route")
         action = getattr(route, "name", None) or f"{request.method} {request.url.path}"
         if request.url.path.startswith("/v1/"):
@@ -107,11 +121,6 @@ def create_app(service: Service, audit: AuditLog) -> FastAPI:
                         action=action, resource=resource, result=response.status_code,
                         reason=request.state.reason, remote=client, now=service.clock())
         return response
-
-    def error(request: Request, status: int, kind: str, reason: str, headers=None):
-        request.state.reason = reason
-        return JSONResponse({"error": kind, "reason": reason}, status_code=status,
-                            headers=headers)
 
     @app.exception_handler(HTTPException)
     async def on_http(request: Request, exc: HTTPException):

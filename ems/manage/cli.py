@@ -139,6 +139,15 @@ def _client_parser(prog: str, description: str) -> tuple[argparse.ArgumentParser
     return parser, parser.add_subparsers(dest="command")
 
 
+def _parse(parser: argparse.ArgumentParser, sub, argv) -> argparse.Namespace:
+    """Parse, accepting --config and --json after the subcommand too."""
+    for command in sub.choices.values():
+        command.add_argument("--config", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        command.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                             help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
 def _run(parser, args, call) -> int:
     """Load settings, run call(client), print its result; map failures to exit codes."""
     from ems.manage.client import ApiError, ManageClient, load_settings
@@ -183,7 +192,7 @@ def account_main(argv: list[str] | None = None) -> int:
     topup.add_argument("account", help="account id (acct-...)")
     topup.add_argument("amount", help="decimal amount, e.g. 100.00")
     topup.add_argument("--note", default="", help="free text kept with the payment")
-    args = parser.parse_args(argv)
+    args = _parse(parser, sub, argv)
     command = args.command or "show"
 
     def call(client):
@@ -215,7 +224,7 @@ def access_key_main(argv: list[str] | None = None) -> int:
     sub.add_parser("create", help="a new access key (the secret is shown once)")
     revoke = sub.add_parser("revoke", help="revoke an access key")
     revoke.add_argument("key_id")
-    args = parser.parse_args(argv)
+    args = _parse(parser, sub, argv)
     command = args.command or "list"
 
     def call(client):
@@ -254,7 +263,7 @@ def cluster_main(argv: list[str] | None = None) -> int:
     show.add_argument("cluster_id")
     delete = sub.add_parser("delete", help="stop billing a cluster; its daemons stop serving")
     delete.add_argument("cluster_id")
-    args = parser.parse_args(argv)
+    args = _parse(parser, sub, argv)
     command = args.command or "list"
 
     def call(client):
@@ -292,7 +301,7 @@ def credential_main(argv: list[str] | None = None) -> int:
                              "`ems activate --credential`")
     revoke = sub.add_parser("revoke", help="revoke a credential: the cluster stops serving")
     revoke.add_argument("credential_id")
-    args = parser.parse_args(argv)
+    args = _parse(parser, sub, argv)
     command = args.command or "list"
     if command == "create" and os.path.exists(args.out):
         parser.error(f"--out {args.out} exists already; choose a new file")

@@ -27,6 +27,7 @@ log = logging.getLogger("ems.manage")
 MAX_CREDENTIAL_LIFETIME_S = 3 * 366 * 86400
 DEFAULT_CREDENTIAL_LIFETIME_S = 365 * 86400
 PUBLISH_TIMEOUT_S = 3.0   # an API call waits this long for an unreachable ZooKeeper
+PUBLISH_RETRY_S = 60.0    # the sampler retries a failed notice after this long
 
 
 def money(value) -> str:
@@ -55,6 +56,7 @@ class Service:
         # cluster id -> standing notice content last written to its ZooKeeper; clusters
         # missing here (new, or a write failed) are written on the next sampler pass.
         self._published: dict[str, tuple] = {}
+        self._retry_at: dict[str, float] = {}   # cluster id -> clock time of the next try
         self._publish_lock = threading.Lock()
 
     def now(self) -> int:
@@ -169,22 +171,26 @@ class Service:
 
     def publish_standing(self, cluster: dict, force: bool = True) -> str:
         """Write the cluster's standing notice to its ZooKeeper. Without force, only when it
-        differs from what was last written. Returns "published", "unchanged", or the reason
-        it could not be written (the sampler retries on its next pass)."""
+        differs from what was last written, and not within PUBLISH_RETRY_S of a failed
+        write. Returns "published", "unchanged", or why it was not written (the sampler
+        retries)."""
         standing = self.standing_of(cluster)
         content = (standing.revoked, standing.arrears, standing.deleted)
         with self._publish_lock:
             if not force and self._published.get(cluster["id"]) == content:
                 return "unchanged"
+            if not force and self.clock() < self._retry_at.get(cluster["id"], 0.0):
+                return "pending: waiting to retry ZooKeeper"
             self._published.pop(cluster["id"], None)
             try:
                 zkstate.publish(cluster["zookeeper"], zkstate.standing_path(cluster["name"]),
                                 tokens.sign_standing(self.signing_key, standing),
                                 timeout=PUBLISH_TIMEOUT_S)
             except Exception as exc:   # ZooKeeper down or unreachable: retried later
+                self._retry_at[cluster["id"]] = self.clock() + PUBLISH_RETRY_S
                 log.warning("standing notice of cluster %s (%s) not written to ZooKeeper %s: "
-                            "%s; retrying on the next sampler pass", cluster["id"],
-                            cluster["name"], cluster["zookeeper"], exc)
+                            "%s; retrying in %.0f s", cluster["id"], cluster["name"],
+                            cluster["zookeeper"], exc, PUBLISH_RETRY_S)
                 return f"pending: ZooKeeper {cluster['zookeeper']} unreachable ({exc})"
             self._published[cluster["id"]] = content
         log.info("standing notice of cluster %s (%s): revoked %d credentials, arrears %s, "
