@@ -6,6 +6,7 @@
     ems stats [--watch SECONDS]    pool statistics of every daemon (python -m ems.admin stats)
     ems nodes                      cluster members and PING times (python -m ems.admin nodes)
     ems route --tokens ... ...     the node with the longest cached prefix (python -m ems.admin route)
+    ems activate --credential ...  activate a cluster (python -m ems.manage.activate_cli)
 
 Each subcommand takes the options of the module it runs; `ems SUBCOMMAND --help` lists them.
 """
@@ -18,6 +19,8 @@ SUBCOMMANDS = {
     "stats": ("ems.admin:stats_main", "pool statistics of every daemon, by node and tier"),
     "nodes": ("ems.admin:nodes_main", "cluster members, their addresses and PING times"),
     "route": ("ems.admin:route_main", "find the node with the longest cached prefix of a prompt"),
+    "activate": ("ems.manage.activate_cli", "activate a cluster with a credential from the "
+                 "management service"),
     "replay": ("ems.replay.__main__", "multi-turn replay of real conversations through vLLM"),
     "build-model": ("ems.tools.build_model", "build the small random-weight model and tokenizer"),
 }
