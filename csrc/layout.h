@@ -21,7 +21,7 @@
 #include "common.h"
 
 #define EMS_LAYOUT_MAGIC 0x314c4f4f50534d45ULL /* "EMSPOOL1" little-endian */
-#define EMS_LAYOUT_VERSION 1u
+#define EMS_LAYOUT_VERSION 2u /* 2: the suspended flag and counter */
 
 /* ---- index ---------------------------------------------------------------------- */
 
@@ -107,6 +107,7 @@ typedef struct ems_counters {
     _Atomic uint64_t deletes;
     _Atomic uint64_t slab_moves; /* slabs taken from one class for another */
     _Atomic uint64_t pool_full;  /* reservations rejected because every block was pinned */
+    _Atomic uint64_t suspended_drops; /* blocks rejected by reserve or commit while suspended */
 } ems_counters_t;
 
 typedef struct ems_layout {
@@ -120,6 +121,10 @@ typedef struct ems_layout {
     uint32_t nclasses, nslabs, nbuckets, nentries;
     int32_t owner_pid;
     _Atomic uint32_t closed;  /* set by the owner before it unmaps; readers then miss */
+    /* Set and cleared by the owner (ems_pool_set_suspended). While set, every lookup of
+     * the owner and of attached readers misses and every reservation is rejected; stored
+     * blocks stay. It shares the cache line of `closed`, which every lookup loads anyway. */
+    _Atomic uint32_t suspended;
 
     /* Allocator state, owner only, under the pool mutex. It starts a cache line of its
      * own: readers load the fields above on every lookup, and a writer storing into

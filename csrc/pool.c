@@ -1,6 +1,6 @@
 /* Pool lifecycle: sizing and laying out the shared mapping, creating it as the owner,
- * attaching to it as a reader, closing, and setting and draining the spill ring. Reads are
- * in pool_read.c and writes, with eviction, in pool_write.c. */
+ * attaching to it as a reader, closing, suspending, and setting and draining the spill
+ * ring. Reads are in pool_read.c and writes, with eviction, in pool_write.c. */
 #define _GNU_SOURCE
 #include "pool.h"
 #include "pool_internal.h"
@@ -190,6 +190,19 @@ void ems_pool_disown(ems_pool_t *pool)
 uint64_t ems_pool_max_block(const ems_pool_t *pool)
 {
     return pool->layout->slab_size;
+}
+
+int ems_pool_set_suspended(ems_pool_t *pool, int suspended)
+{
+    if (!pool->owner)
+        return -EPERM;
+    atomic_store_explicit(&pool->layout->suspended, suspended ? 1u : 0u, memory_order_release);
+    return 0;
+}
+
+int ems_pool_suspended(const ems_pool_t *pool)
+{
+    return (int)atomic_load_explicit(&pool->layout->suspended, memory_order_acquire);
 }
 
 int ems_pool_set_spill_ring(ems_pool_t *pool, uint64_t bytes)

@@ -89,19 +89,34 @@ void ems_pool_disown(ems_pool_t *pool);
 /* Largest block the pool accepts (its slab size). */
 uint64_t ems_pool_max_block(const ems_pool_t *pool);
 
+/* ---- suspension ------------------------------------------------------------------ */
+
+/* Suspends (suspended != 0) or resumes the pool, for a node that must not serve (a
+ * cluster that is not activated). While suspended, every read of the owner and of attached
+ * readers reports a miss (get, get_many, length, exists, exists_many, match_prefix, pin),
+ * and ems_pool_reserve and ems_pool_commit reject each block with -EACCES, counted in
+ * suspended_drops. Blocks already stored stay as they are, so resuming serves them again.
+ * Delete, protect, eviction and the spill ring keep working. Owner only: returns 0, or
+ * -EPERM on an attached handle.
+ * NOTE: a read that passed its check just before the flag was set may still complete. */
+int ems_pool_set_suspended(ems_pool_t *pool, int suspended);
+
+/* 1 while the pool is suspended, else 0. Owner and attached handles. */
+int ems_pool_suspended(const ems_pool_t *pool);
+
 /* ---- writes (owner only; -EPERM on an attached pool) ---------------------------- */
 
 /* Reserves a slot for `length` bytes under `key`. When the key is already committed it
  * returns 0 with r->exists = 1 and nothing reserved. Evicts as needed. Returns 0,
  * -EINVAL (length 0), -EMSGSIZE (length > max block), -ENOSPC when every candidate block
- * is pinned or reserved. */
+ * is pinned or reserved, -EACCES while the pool is suspended. */
 int ems_pool_reserve(ems_pool_t *pool, const uint8_t key[EMS_KEY_BYTES], uint64_t length,
                      ems_reservation_t *r);
 
 /* Publishes a filled reservation. Returns 0, or 1 when another writer committed the same
  * key first (the reservation is freed and the stored block kept: an idempotent success),
- * or -ENOSPC when the key's index buckets hold only pinned blocks (the reservation is then
- * freed). */
+ * -ENOSPC when the key's index buckets hold only pinned blocks, or -EACCES when the pool
+ * was suspended since the reserve. After -ENOSPC and -EACCES the reservation is freed. */
 int ems_pool_commit(ems_pool_t *pool, ems_reservation_t *r);
 
 /* Frees an uncommitted reservation. */
@@ -210,6 +225,8 @@ typedef struct ems_pool_stats {
     uint64_t capacity, slab_size, slabs, free_slabs, max_blocks, blocks;
     uint64_t bytes_used, bytes_free, bytes_wasted, metadata_bytes;
     uint64_t hits, misses, puts, put_exists, evictions, deletes, slab_moves, pool_full;
+    uint64_t suspended_drops;   /* blocks rejected while suspended */
+    uint32_t suspended;         /* 1 while suspended */
     uint64_t reader_hits, reader_misses, reader_retries; /* this attached handle's own */
     /* Owner only (0 when attached): blocks copied into the spill ring, evicted blocks lost
      * (no room, or discarded by a resize or disable), ring size and bytes held now. */

@@ -1,6 +1,7 @@
 /* Pool reads: lookups and copies for the owner (pinned) and for attached readers
  * (optimistic, validated by the entry generation), batch forms and statistics. No lock is
- * taken on any read path except ems_pool_stats in the owner. */
+ * taken on any read path except ems_pool_stats in the owner. Every lookup first checks
+ * pool_readable, so a closed or suspended pool reports misses. */
 #include "pool.h"
 #include "pool_internal.h"
 
@@ -61,16 +62,20 @@ static int view_from_word(ems_pool_t *pool, const uint8_t key[EMS_KEY_BYTES], ui
     return 1;
 }
 
-static int pool_closed(const ems_pool_t *pool)
+/* False once the owner closed the pool, and while it is suspended: every lookup then
+ * misses. */
+static int pool_readable(const ems_pool_t *pool)
 {
-    return (int)atomic_load_explicit(&pool->layout->closed, memory_order_acquire);
+    const ems_layout_t *layout = pool->layout;
+    return !atomic_load_explicit(&layout->closed, memory_order_acquire) &&
+           !atomic_load_explicit(&layout->suspended, memory_order_acquire);
 }
 
 /* Finds `key` without pinning; see view_from_word. */
 static int view_find(ems_pool_t *pool, const uint8_t key[EMS_KEY_BYTES], block_view_t *view)
 {
     uint64_t word;
-    if (pool_closed(pool) || ems_index_lookup(&pool->index, key, &word) != 1)
+    if (!pool_readable(pool) || ems_index_lookup(&pool->index, key, &word) != 1)
         return 0;
     return view_from_word(pool, key, word, view);
 }
@@ -89,7 +94,7 @@ static int64_t owner_get(ems_pool_t *pool, const uint8_t key[EMS_KEY_BYTES], voi
                          uint64_t dst_len, uint64_t *actual)
 {
     uint64_t word;
-    if (ems_index_lookup(&pool->index, key, &word) != 1)
+    if (!pool_readable(pool) || ems_index_lookup(&pool->index, key, &word) != 1)
         return -ENOENT;
     uint32_t id = EMS_SLOT_ENTRY(word) - 1;
     if (!ems_entry_pin(pool, id, EMS_SLOT_GEN(word)))
@@ -188,11 +193,11 @@ uint64_t ems_pool_exists_many(ems_pool_t *pool, const uint8_t *keys, uint64_t n,
     enum { CHUNK = 256 };
     uint64_t words[CHUNK];
     uint64_t present = 0;
-    int closed = pool_closed(pool);
+    int readable = pool_readable(pool);
     for (uint64_t start = 0; start < n; start += CHUNK) {
         uint64_t count = n - start < CHUNK ? n - start : CHUNK;
         const uint8_t *chunk = keys + start * EMS_KEY_BYTES;
-        if (closed)
+        if (!readable)
             memset(words, 0, sizeof words);
         else
             ems_index_lookup_many(&pool->index, chunk, count, words);
@@ -273,6 +278,8 @@ int ems_pool_stats(ems_pool_t *pool, ems_pool_stats_t *stats, ems_class_stats_t 
     stats->deletes = LOAD_COUNTER(pool, deletes);
     stats->slab_moves = LOAD_COUNTER(pool, slab_moves);
     stats->pool_full = LOAD_COUNTER(pool, pool_full);
+    stats->suspended_drops = LOAD_COUNTER(pool, suspended_drops);
+    stats->suspended = (uint32_t)ems_pool_suspended(pool);
     if (pool->owner) {
         pthread_mutex_lock(&pool->spill.lock);
         stats->spill_captured = pool->spill.captured;
@@ -295,7 +302,7 @@ int64_t ems_pool_pin(ems_pool_t *pool, const uint8_t key[EMS_KEY_BYTES], uint64_
     if (!pool->owner)
         return -EPERM;
     uint64_t word;
-    if (ems_index_lookup(&pool->index, key, &word) != 1) {
+    if (!pool_readable(pool) || ems_index_lookup(&pool->index, key, &word) != 1) {
         count_miss(pool);
         return -ENOENT;
     }

@@ -234,6 +234,12 @@ int ems_pool_reserve(ems_pool_t *pool, const uint8_t key[EMS_KEY_BYTES], uint64_
     int rc = check_length(pool, length);
     if (rc != 0)
         return rc;
+    /* Before the lookup below, so a suspended pool does not tell whether the key is
+     * stored. */
+    if (ems_pool_suspended(pool)) {
+        EMS_COUNT(pool, suspended_drops);
+        return -EACCES;
+    }
 
     pthread_mutex_lock(&pool->lock);
 
@@ -315,6 +321,14 @@ int ems_pool_commit(ems_pool_t *pool, ems_reservation_t *r)
             EMS_ENTRY_RESERVED) {
         pthread_mutex_unlock(&pool->lock);
         return -EINVAL;
+    }
+    if (ems_pool_suspended(pool)) {
+        /* Suspended since the reserve: the block is dropped, not published. */
+        ems_block_free(pool, r->entry);
+        EMS_COUNT(pool, suspended_drops);
+        pthread_mutex_unlock(&pool->lock);
+        r->data = NULL;
+        return -EACCES;
     }
 
     /* Step 1: insert while the entry is still RESERVED. A reader that finds it now sees a

@@ -3,6 +3,7 @@
  *
  * Invariant: a handler is called only by a connection thread, never with a server or pool
  * lock held, and never after ems_server_set_miss_handler has returned from replacing it.
+ * While the pool is suspended it is called for DELETE only.
  * The operations that use it (GET, EXISTS, MATCH_PREFIX, PREFETCH) are in server_ops.c. */
 #include <errno.h>
 #include <stdlib.h>
@@ -72,6 +73,10 @@ uint64_t ems_srv_miss_call(ems_srv_conn_t *conn, int mode, const uint8_t *keys,
     uint8_t *found = conn->miss_found;
     memset(found, 0, nmiss);
     if (nmiss == 0 || atomic_load(&server->stopping))
+        return 0;
+    /* A suspended pool serves nothing, and neither does the tier below it. A DELETE still
+     * goes through, so that a key the pool deleted cannot come back from the tier. */
+    if (mode != EMS_MISS_DELETE && ems_pool_suspended(server->cfg.pool))
         return 0;
     for (uint64_t j = 0; j < nmiss; j++)
         memcpy(conn->miss_keys + j * EMS_KEY_BYTES,

@@ -492,7 +492,7 @@ static int op_delete(ems_srv_conn_t *conn, const ems_frame_t *req)
 }
 
 /* Sets (arg 1) or clears (arg 0) the PROTECT hint on the present keys, and responds with
- * how many of the keys were present. */
+ * how many of the keys were present (0, changing nothing, while the pool is suspended). */
 static int op_protect(ems_srv_conn_t *conn, const ems_frame_t *req)
 {
     uint64_t n;
@@ -501,8 +501,12 @@ static int op_protect(ems_srv_conn_t *conn, const ems_frame_t *req)
         return 0;
     if (arg > 1)
         return reject(conn, req, EMS_STATUS_BAD_REQUEST, "PROTECT arg must be 0 or 1");
+    /* The count shows which keys are stored, which a suspended pool does not reveal. */
+    ems_pool_t *pool = conn->server->cfg.pool;
     uint8_t count[8];
-    ems_put64(count, (uint64_t)ems_pool_protect(conn->server->cfg.pool, conn->keys, n, (int)arg));
+    ems_put64(count, ems_pool_suspended(pool)
+                         ? 0
+                         : (uint64_t)ems_pool_protect(pool, conn->keys, n, (int)arg));
     return respond_ok(conn, req, count, sizeof count, NULL, 0);
 }
 
@@ -525,8 +529,16 @@ static int op_dir_lookup(ems_srv_conn_t *conn, const ems_frame_t *req)
     uint32_t arg;
     if (parse_batch(conn, req, 0, &n, &arg) < 0 || out_room(conn, req, 4 * n) < 0)
         return 0;
+    /* A suspended node points no client at a block: the holders are suspended too,
+     * because one activation covers the cluster. Registrations still go in, so the
+     * directory is complete again after the resume. */
     uint32_t *holders = (uint32_t *)(void *)conn->out;
-    ems_directory_lookup(&conn->server->dir, conn->keys, n, holders);
+    if (ems_pool_suspended(conn->server->cfg.pool)) {
+        for (uint64_t i = 0; i < n; i++)
+            holders[i] = EMS_HOLDER_NONE;
+    } else {
+        ems_directory_lookup(&conn->server->dir, conn->keys, n, holders);
+    }
     for (uint64_t i = 0; i < n; i++)
         ems_put32(conn->out + 4 * i, holders[i]);
     return respond_ok(conn, req, conn->out, 4 * n, NULL, 0);
@@ -552,7 +564,7 @@ static int op_stats(ems_srv_conn_t *conn, const ems_frame_t *req)
         "\"bytes_in\":%llu,\"bytes_out\":%llu,\"local_puts\":%llu,"
         "\"dir_entries\":%llu,\"dir_lookups\":%llu,\"dir_hits\":%llu,"
         "\"miss_calls\":%llu,\"miss_keys\":%llu,\"miss_found\":%llu,"
-        "\"miss_handler\":%d}",
+        "\"miss_handler\":%d,\"suspended\":%u,\"suspended_drops\":%llu}",
         conn->server->cfg.node_id, (unsigned long long)p.capacity,
         (unsigned long long)p.bytes_used, (unsigned long long)p.bytes_free,
         (unsigned long long)p.blocks, (unsigned long long)p.hits,
@@ -567,7 +579,8 @@ static int op_stats(ems_srv_conn_t *conn, const ems_frame_t *req)
         (unsigned long long)s.dir_entries, (unsigned long long)s.dir_lookups,
         (unsigned long long)s.dir_hits, (unsigned long long)s.miss_calls,
         (unsigned long long)s.miss_keys, (unsigned long long)s.miss_found,
-        atomic_load_explicit(&conn->server->miss_installed, memory_order_relaxed) ? 1 : 0);
+        atomic_load_explicit(&conn->server->miss_installed, memory_order_relaxed) ? 1 : 0,
+        p.suspended, (unsigned long long)p.suspended_drops);
     return respond_ok(conn, req, conn->out, (size_t)len, NULL, 0);
 }
 

@@ -89,7 +89,9 @@ typedef enum {
  * that a load has started. Any nonzero byte counts as 1. The handler must be thread-safe,
  * because connections call it concurrently, and must not call ems_server_stop or
  * ems_server_set_miss_handler, which wait for it. A GET keeps its hits pinned during the
- * LOAD call, so the blocks the LOAD adds cannot evict them. */
+ * LOAD call, so the blocks the LOAD adds cannot evict them. While the pool is suspended
+ * (ems_pool_set_suspended) the server calls the handler with DELETE only, so a suspended
+ * node serves no block from a lower tier either. */
 typedef void (*ems_miss_fn)(void *ctx, int mode, const uint8_t *keys, uint64_t n,
                             uint8_t *found);
 

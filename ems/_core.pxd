@@ -56,6 +56,8 @@ cdef extern from "pool.h":
         uint64_t capacity, slab_size, slabs, free_slabs, max_blocks, blocks
         uint64_t bytes_used, bytes_free, bytes_wasted, metadata_bytes
         uint64_t hits, misses, puts, put_exists, evictions, deletes, slab_moves, pool_full
+        uint64_t suspended_drops
+        uint32_t suspended
         uint64_t reader_hits, reader_misses, reader_retries
         uint64_t spill_captured, spill_dropped, spill_ring_bytes, spill_ring_used
         uint32_t page_kind, nclasses_used
@@ -66,6 +68,8 @@ cdef extern from "pool.h":
     void ems_pool_close(ems_pool_t *pool) nogil
     void ems_pool_disown(ems_pool_t *pool) nogil
     uint64_t ems_pool_max_block(const ems_pool_t *pool) nogil
+    int ems_pool_set_suspended(ems_pool_t *pool, int suspended) nogil
+    int ems_pool_suspended(const ems_pool_t *pool) nogil
 
     int ems_pool_reserve(ems_pool_t *pool, const uint8_t *key, uint64_t length,
                          ems_reservation_t *r) nogil

@@ -21,7 +21,8 @@ import os
 
 from ems.errors import (ArenaError, AttachError, BlockTooLargeError, BufferNotContiguousError,
                         BufferNotWritableError, BufferSizeError, CapacityError, EmptyBlockError,
-                        InvalidKeyError, PoolClosedError, PoolFullError, ReadOnlyPoolError)
+                        InvalidKeyError, PoolClosedError, PoolFullError, PoolSuspendedError,
+                        ReadOnlyPoolError)
 
 KEY_BYTES = 32
 PAGE_KINDS = {"auto": EMS_PAGES_AUTO, "hugetlb": EMS_PAGES_HUGETLB, "thp": EMS_PAGES_THP,
@@ -231,7 +232,14 @@ cdef object _errno_name(int rc):
     return os.strerror(-rc) if rc < 0 else str(rc)
 
 
+# Per-block results of the C writes: 0 stored now, 1 stored before, or a negative errno.
+# -EACCES comes from a suspended pool for every block. put, put_many and commit treat it
+# as "not stored", because a cache that does not serve must not fail the engine's write;
+# reserve raises it as PoolSuspendedError. Every other negative code raises.
 cdef int raise_write_error(int rc, uint64_t length, _CorePool pool) except -1:
+    if rc == -EACCES:
+        raise PoolSuspendedError("the pool is suspended (set_suspended): it stores no "
+                                 "block until it is resumed")
     if rc == -EPERM:
         raise ReadOnlyPoolError("this pool handle is read-only (attached, or inherited "
                                 "through fork); write through the owner process")
@@ -314,7 +322,8 @@ cdef class Reservation:
         return 0
 
     def commit(self):
-        """Publish the block. Returns True (also when another writer stored the key first)."""
+        """Publish the block. Returns True (also when another writer stored the key first),
+        or False when the pool was suspended since the reservation (the block is dropped)."""
         cdef int rc
         if not self.pool._open:
             raise PoolClosedError("the pool is closed; the reservation was aborted")
@@ -331,6 +340,8 @@ cdef class Reservation:
                 rc = ems_pool_commit(&self.pool.pool, &self.r)
         finally:
             self.pool._leave()
+        if rc == -EACCES:
+            return False
         if rc < 0:
             raise_write_error(rc, self.r.length, self.pool)
         return True
@@ -487,6 +498,31 @@ cdef class _CorePool:
         """Largest block in bytes (the slab size)."""
         return self._max_block
 
+    @property
+    def suspended(self):
+        """True while the owner has suspended the pool (see set_suspended)."""
+        self._check_open()
+        return bool(ems_pool_suspended(&self.pool))
+
+    def set_suspended(self, bint suspended):
+        """Suspend (True) or resume (False) the pool, for a node that must not serve.
+        Owner only.
+
+        While suspended, every read of this handle and of attached handles misses, put and
+        put_many store nothing (put returns False, put_many counts 0), commit drops its
+        block and returns False, reserve raises PoolSuspendedError, and each rejected
+        block counts in stats()["suspended_drops"]. Stored blocks stay, so after a resume
+        they are served again. Deletes and protect hints keep working.
+        """
+        cdef int rc
+        self._enter()
+        try:
+            rc = ems_pool_set_suspended(&self.pool, suspended)
+            if rc < 0:
+                raise_write_error(rc, 0, self)
+        finally:
+            self._leave()
+
     def _check_open(self):
         if not self._open:
             raise PoolClosedError("the pool is closed")
@@ -495,7 +531,8 @@ cdef class _CorePool:
 
     def put(self, key, data):
         """Store `data` (any contiguous buffer) under `key`. Returns True when stored now,
-        False when the key already existed (the stored block is kept)."""
+        False when the key already existed (the stored block is kept) or the pool is
+        suspended (nothing is stored)."""
         cdef uint8_t k[32]
         cdef Span src
         cdef int rc
@@ -507,7 +544,7 @@ cdef class _CorePool:
                 raise_write_error(-EINVAL if src.size == 0 else -EMSGSIZE, src.size, self)
             with nogil:
                 rc = ems_pool_put(&self.pool, k, src.ptr, src.size)
-            if rc < 0:
+            if rc < 0 and rc != -EACCES:
                 raise_write_error(rc, src.size, self)
             return rc == 0
         finally:
@@ -515,7 +552,8 @@ cdef class _CorePool:
             span_release(&src)
 
     def reserve(self, key, Py_ssize_t nbytes):
-        """Reserve a slot of `nbytes` for `key` to fill in place (see Reservation)."""
+        """Reserve a slot of `nbytes` for `key` to fill in place (see Reservation).
+        Raises PoolSuspendedError while the pool is suspended."""
         cdef uint8_t k[32]
         cdef Reservation res = Reservation.__new__(Reservation)
         cdef int rc
@@ -634,7 +672,8 @@ cdef class _CorePool:
     # -- batch calls --
 
     def put_many(self, keys, datas):
-        """Store datas[i] under keys[i]. Returns how many were stored now (not present)."""
+        """Store datas[i] under keys[i]. Returns how many were stored now: keys stored
+        before are skipped, and a suspended pool stores none."""
         cdef KeyBatch batch = KeyBatch(keys)
         cdef Py_ssize_t n = batch.n, i, acquired = 0
         cdef Span *spans
@@ -662,7 +701,7 @@ cdef class _CorePool:
                 ems_pool_put_many(&self.pool, batch.data, n, srcs, lengths, results)
             stored = 0
             for i in range(n):
-                if results[i] < 0:
+                if results[i] < 0 and results[i] != -EACCES:
                     raise_write_error(results[i], lengths[i], self)
                 stored += results[i] == 0
             return stored
@@ -969,7 +1008,8 @@ cdef class _CorePool:
             metadata_bytes_per_block=s.metadata_bytes / s.max_blocks if s.max_blocks else 0.0,
             hits=s.hits, misses=s.misses, puts=s.puts, put_exists=s.put_exists,
             evictions=s.evictions, deletes=s.deletes, slab_moves=s.slab_moves,
-            pool_full=s.pool_full, reader_hits=s.reader_hits,
+            pool_full=s.pool_full, suspended=bool(s.suspended),
+            suspended_drops=s.suspended_drops, reader_hits=s.reader_hits,
             reader_misses=s.reader_misses, reader_retries=s.reader_retries,
             spill_captured=s.spill_captured, spill_dropped=s.spill_dropped,
             spill_ring_bytes=s.spill_ring_bytes, spill_ring_used=s.spill_ring_used,

@@ -9,6 +9,7 @@
     ems manage init|serve ...      the management service (ems.manage.cli)
     ems account|access-key|cluster|credential|bill ...
                                    signed calls to the management API (ems.manage.cli)
+    ems activate --credential ...  activate a cluster (python -m ems.manage.activate_cli)
 
 Each subcommand takes the options of the module it runs; `ems SUBCOMMAND --help` lists them.
 """
@@ -30,6 +31,8 @@ SUBCOMMANDS = {
     "credential": ("ems.manage.cli:credential_main", "issue, list and revoke activation "
                    "credentials"),
     "bill": ("ems.manage.cli:bill_main", "itemised bill: node-hours per hour and cluster"),
+    "activate": ("ems.manage.activate_cli", "activate a cluster with a credential from the "
+                 "management service"),
     "replay": ("ems.replay.__main__", "multi-turn replay of real conversations through vLLM"),
     "build-model": ("ems.tools.build_model", "build the small random-weight model and tokenizer"),
 }

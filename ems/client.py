@@ -154,13 +154,17 @@ class _AsyncCalls:
 
 class EmbeddedClient(_AsyncCalls):
     """The client API over an ems.Pool owned by this process, with an optional spill tier
-    (ems.tiering.SpillTier) under it: DRAM misses then read from disk and promote."""
+    (ems.tiering.SpillTier) under it: DRAM misses then read from disk and promote. While
+    the pool is suspended (Pool.set_suspended) the tier is not read either."""
 
     mode = "embedded"
 
     def __init__(self, pool: Pool, tier=None):
         self.pool = pool
         self.tier = tier
+
+    def _tier_readable(self) -> bool:
+        return self.tier is not None and not self.pool.suspended
 
     def put(self, key, data) -> bool:
         if self.tier is None:
@@ -183,7 +187,7 @@ class EmbeddedClient(_AsyncCalls):
 
     def get_many_into(self, keys, buffers) -> list[bool]:
         found = self.pool.get_many_into(keys, buffers)
-        if self.tier is None or all(found):
+        if not self._tier_readable() or all(found):
             return found
         keys, buffers = _key_list(keys), _buffer_list(buffers, len(found))
         missed = [i for i, hit in enumerate(found) if not hit]
@@ -197,7 +201,7 @@ class EmbeddedClient(_AsyncCalls):
 
     def exists_many(self, keys) -> list[bool]:
         present = self.pool.exists_many(keys)
-        if self.tier is None or all(present):
+        if not self._tier_readable() or all(present):
             return present
         keys = _key_list(keys)
         missed = [i for i, hit in enumerate(present) if not hit]
@@ -208,7 +212,7 @@ class EmbeddedClient(_AsyncCalls):
     def match_prefix(self, keys) -> int:
         matched = self.pool.match_prefix(keys)
         keys = _key_list(keys)
-        if self.tier is None or matched == len(keys):
+        if not self._tier_readable() or matched == len(keys):
             return matched
         # A chain may continue through blocks in DRAM and on disk, in any mix.
         rest = self.exists_many(keys[matched:])
@@ -216,8 +220,9 @@ class EmbeddedClient(_AsyncCalls):
 
     def prefetch(self, keys, *, protect: bool = False) -> int:
         """Start moving the keys' blocks from the spill tier into DRAM and return at once
-        (see SpillTier.prefetch). Returns how many reads were queued; 0 without a tier."""
-        if self.tier is None:
+        (see SpillTier.prefetch). Returns how many reads were queued; 0 without a tier
+        or while the pool is suspended."""
+        if not self._tier_readable():
             return 0
         return self.tier.prefetch(_key_list(keys), protect=protect)
 
@@ -298,7 +303,8 @@ class ClusterClient(_AsyncCalls):
     """The client API over the daemons of a cluster (or only the local daemon).
 
     Counters in stats(): local_hits (served through shared memory), remote_hits,
-    misses, local_puts, remote_puts, peer_errors."""
+    misses, local_puts, remote_puts, put_refused (blocks a daemon did not store), of them
+    put_suspended (the daemon was suspended), peer_errors."""
 
     def __init__(self, membership: Membership | None, *, socket_path: str | None = None,
                  secret: bytes | None = None, tenant: str = "default",
@@ -310,7 +316,7 @@ class ClusterClient(_AsyncCalls):
         self.mode = "cluster" if membership is not None else "local"
         self.counters = dict(local_hits=0, local_tier_hits=0, remote_hits=0, misses=0,
                              local_puts=0,
-                             remote_puts=0, put_refused=0, peer_errors=0)
+                             remote_puts=0, put_refused=0, put_suspended=0, peer_errors=0)
         self._peers: dict[str, _Peer] = {}
         self._lock = threading.Lock()
         self._local_lock = threading.Lock()
@@ -449,15 +455,20 @@ class ClusterClient(_AsyncCalls):
             logger.warning("%s failed, served as misses: %s", what, exc)
 
     def _note_put_failures(self, where: str, results: list[int]) -> None:
-        """Count and log (rate-limited) the blocks a daemon could not store."""
+        """Count and log (rate-limited) the blocks a daemon could not store. -EACCES comes
+        from a suspended daemon (its cluster is not activated). Its blocks are not stored,
+        which a cache reports as a count, not as an error."""
         failed = [r for r in results if r < 0]
         if failed:
             self.counters["put_refused"] += len(failed)
+            suspended = sum(1 for r in failed if r == -errno.EACCES)
+            self.counters["put_suspended"] += suspended
             now = time.monotonic()
             if now - self._last_error_log > 5.0:
                 self._last_error_log = now
-                logger.warning("%s could not store %d blocks: %s", where, len(failed),
-                               os.strerror(-failed[0]))
+                reason = ("the node is not serving (suspended until its cluster is activated)"
+                          if suspended == len(failed) else os.strerror(-failed[0]))
+                logger.warning("%s could not store %d blocks: %s", where, len(failed), reason)
 
     # -- reads --
 

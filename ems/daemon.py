@@ -4,10 +4,14 @@ It owns a pool and serves it over TCP and a Unix socket with the C transfer serv
 one shard of the key directory, registers in the cluster membership, announces the keys it
 stores to their directory shards, and publishes Prometheus metrics over HTTP.
 
+With a management public key it serves only while its cluster is activated: the pool
+starts suspended and an ems.manage.activation.ActivationGate resumes it.
+
 Threads: the C server's own threads run the data path and call no Python, so the data path
 never waits on ZooKeeper or on this module. One Python "pump" thread forwards the server's
 log lines, announces new keys in batches, pings the other nodes to notice a restart and
-refreshes the membership record. The metrics HTTP server has its own thread.
+refreshes the membership record. The metrics HTTP server and the activation gate have
+their own threads.
 """
 from __future__ import annotations
 
@@ -27,6 +31,7 @@ from ems.client import directory_shards
 from ems.cluster.membership import (NodeRecord, check_own_entry, open_membership,
                                     parse_peers)
 from ems.errors import TransferError
+from ems.manage.activation import NOT_ENFORCED, ActivationGate, ActivationStatus
 from ems.metrics import start_metrics
 from ems.pool import Pool, run_dir
 from ems.tiering.tier import open_tier
@@ -65,6 +70,9 @@ class DaemonConfig:
     spill_bytes: int | None = None        # its quota
     spill_io: str = "auto"
     spill_shared: bool = False            # other nodes write the same directory
+    manage_public_key: object | None = None   # Ed25519 public key; None: no activation gate
+    credential: str | None = None         # credential token from --credential
+    credential_source: str = "--credential"   # where it came from, for log lines
 
 
 class Daemon:
@@ -77,6 +85,7 @@ class Daemon:
         self.tier = None
         self.server = None
         self.membership = None
+        self.gate = None
         self.metrics = None
         self.record = None
         self.nodes: dict[str, NodeRecord] = {}
@@ -109,6 +118,17 @@ class Daemon:
                 raise
             raise ValueError(f"node id {cfg.node_id!r} is already served on this host "
                              f"({exc}); give each daemon its own --node-id") from None
+        if cfg.manage_public_key is not None:
+            # Suspended before the server starts, so nothing is served before the gate
+            # has judged the credentials.
+            self.pool.set_suspended(True)
+            self.gate = ActivationGate(self.pool, node_id=cfg.node_id, cluster=cfg.cluster,
+                                       public_key=cfg.manage_public_key,
+                                       credential_token=cfg.credential,
+                                       credential_source=cfg.credential_source)
+        else:
+            logger.warning("node %s: activation is not enforced (no --manage-public-key): "
+                           "the daemon serves without a credential", cfg.node_id)
         holder = NodeRecord(node_id=cfg.node_id, host=cfg.advertise_host or cfg.host,
                             port=1).holder_id()
         try:
@@ -142,23 +162,29 @@ class Daemon:
                                          f"{cfg.metrics_port}: {exc.strerror}") from None
             self.record = replace(self.record, metrics_port=self.metrics.port)
         self.membership = open_membership(cfg.zookeeper, cfg.peers, cfg.cluster, self.record)
+        if self.gate is not None:
+            self.gate.start(getattr(self.membership, "client", None))
         self.membership.add_listener(self._on_members)
         self._pump_thread = threading.Thread(target=self._pump, name="ems-pump", daemon=True)
         self._pump_thread.start()
         logger.info("node %s serving %d bytes (%s pages) on %s:%d and %s; spill tier: %s; "
-                    "metrics on %s; membership: %s", cfg.node_id, stats["capacity_bytes"],
+                    "metrics on %s; membership: %s; activation: %s", cfg.node_id,
+                    stats["capacity_bytes"],
                     self.pool.page_kind, cfg.host, self.server.port, socket_path,
                     f"{cfg.spill_dir} ({cfg.spill_bytes} bytes, "
                     f"{self.tier.store.stats()['io_mode']})" if self.tier else "none",
                     f"{cfg.metrics_host}:{self.metrics.port}" if self.metrics else "nowhere",
                     f"ZooKeeper {cfg.zookeeper}" if cfg.zookeeper else
-                    f"static peers ({len(self.membership.nodes())} nodes)")
+                    f"static peers ({len(self.membership.nodes())} nodes)",
+                    self._activation_summary())
 
     def stop(self) -> None:
         logger.info("node %s stopping", self.config.node_id)
         self._stop.set()
         if self._pump_thread is not None:
             self._pump_thread.join(timeout=5)
+        if self.gate is not None:   # before the membership closes its ZooKeeper client
+            self.gate.stop()
         if self.membership is not None:
             self.membership.close()
         for conn in self._node_conns.values():
@@ -191,6 +217,19 @@ class Daemon:
                 pass
         finally:
             self.stop()
+
+    def _activation_summary(self) -> str:
+        status = self.activation()
+        if status.serving:
+            return status.state
+        return f"{status.state}, so the pool is suspended and serves no block"
+
+    def activation(self) -> ActivationStatus:
+        """Return the gate's current decision, or NOT_ENFORCED without a gate."""
+        if self.gate is None:
+            return ActivationStatus(NOT_ENFORCED, "activation is not enforced "
+                                    "(no --manage-public-key)")
+        return self.gate.status()
 
     # -- membership --
 

@@ -50,6 +50,10 @@ class PoolClosedError(EMSError):
     """A call on a pool handle after close()."""
 
 
+class PoolSuspendedError(EMSError):
+    """A reservation on a suspended pool (Pool.set_suspended), which stores nothing."""
+
+
 class ArenaError(EMSError, OSError):
     """The pool's memory could not be mapped with the requested page kind."""
 

@@ -1,4 +1,5 @@
-"""Prometheus metrics of a node daemon, served over HTTP on /metrics (and /healthz).
+"""Prometheus metrics of a node daemon, served over HTTP on /metrics, with /healthz and
+/activation (the activation gate's decision as JSON).
 
 Values are read from the pool and the transfer server at scrape time, so nothing on the
 data path updates Python objects. Names follow docs/cluster.md: an `ems_` prefix, units in
@@ -6,6 +7,7 @@ the name, a `node` label.
 """
 from __future__ import annotations
 
+import json
 import threading
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
@@ -13,6 +15,7 @@ from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
 
 import ems
+from ems.manage.activation import NOT_ENFORCED, STATES
 
 # (metric name, help, source dict, field) for every counter read from the C side.
 _COUNTERS = [
@@ -20,6 +23,8 @@ _COUNTERS = [
     ("ems_pool_misses", "Reads of this node's pool that found no block", "pool", "misses"),
     ("ems_pool_evictions", "Blocks evicted to make room", "pool", "evictions"),
     ("ems_pool_puts", "Blocks committed to this node's pool", "pool", "puts"),
+    ("ems_pool_suspended_drops", "Blocks not stored because the pool was suspended (the "
+     "node was not serving)", "pool", "suspended_drops"),
     ("ems_transfer_requests", "Requests served over TCP and the local socket", "server", "requests"),
     ("ems_transfer_errors", "Requests answered with an error status", "server", "errors"),
     ("ems_transfer_bad_frames", "Frames refused by the header check", "server", "bad_frames"),
@@ -76,6 +81,7 @@ class _Collector:
             yield family
         if tier is not None:
             yield from _tier_metrics(node, pool, tier)
+        yield from _activation_metrics(node, daemon.activation())
         info = InfoMetricFamily("ems_node", "Version, protocol range and page kind of the node")
         info.add_metric([], {"node": node, "version": ems.__version__, "protocol_min": "1",
                              "protocol_max": "1", "page_kind": pool["page_kind"]})
@@ -123,13 +129,37 @@ def _tier_metrics(node: str, pool: dict, tier: dict):
     yield mode
 
 
+def _activation_metrics(node: str, status):
+    """ems_activation_state: 1 for the gate's current state, 0 for the others (a daemon
+    without a gate reports not_enforced); ems_serving: 1 while the node serves."""
+    family = GaugeMetricFamily("ems_activation_state", "Activation state of the node: 1 "
+                               "for the current state", labels=["node", "state"])
+    states = STATES if status.state in STATES else (status.state,)
+    for state in states:
+        family.add_metric([node, state], int(state == status.state))
+    yield family
+    serving = GaugeMetricFamily("ems_serving", "1 while the node serves blocks, 0 while "
+                                "its pool is suspended", labels=["node"])
+    serving.add_metric([node], int(status.serving))
+    yield serving
+
+
+def activation_document(daemon) -> dict:
+    """Build the JSON body of /activation."""
+    status = daemon.activation()
+    return {"node_id": daemon.config.node_id, "cluster": daemon.config.cluster,
+            "enforced": status.state != NOT_ENFORCED, **status.as_dict()}
+
+
 class _QuietHandler(WSGIRequestHandler):
     def log_message(self, format, *args):   # scrapes are not events worth a log line
         pass
 
 
 class MetricsServer:
-    """The HTTP endpoint: /metrics (Prometheus text format) and /healthz ("ok")."""
+    """The HTTP endpoint: /metrics (Prometheus text format), /healthz ("ok") and
+    /activation (JSON: node_id, cluster, enforced, state, reason, serving, account,
+    credential, expires)."""
 
     def __init__(self, daemon, host: str, port: int):
         registry = CollectorRegistry()
@@ -142,6 +172,10 @@ class MetricsServer:
                 start_response("200 OK" if healthy else "503 Service Unavailable",
                                [("Content-Type", "text/plain")])
                 return [b"ok\n" if healthy else b"stopped\n"]
+            if environ.get("PATH_INFO") == "/activation":
+                body = json.dumps(activation_document(daemon)).encode()
+                start_response("200 OK", [("Content-Type", "application/json")])
+                return [body]
             return metrics_app(environ, start_response)
 
         self.httpd = make_server(host, port, app, WSGIServer, handler_class=_QuietHandler)

@@ -9,6 +9,7 @@ import sys
 
 from ems.client import load_secret
 from ems.daemon import Daemon, DaemonConfig
+from ems.manage.tokens import load_public_key
 from ems.pool import physical_memory_bytes
 
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -26,6 +27,25 @@ def parse_size(text: str) -> int:
     if size <= 0:
         raise ValueError(f"size {text!r} must be positive")
     return size
+
+
+def load_activation(key_path: str | None, credential_path: str | None):
+    """Return (public key or None, credential token or None) for the activation gate.
+    Raises ValueError or OSError naming the file. A credential that does not verify is no
+    error here: the daemon starts, does not serve, and logs why."""
+    if credential_path and not key_path:
+        raise ValueError("--credential needs --manage-public-key (or EMS_MANAGE_PUBLIC_KEY) "
+                         "to verify it")
+    if not key_path:
+        return None, None
+    public_key = load_public_key(key_path)
+    if not credential_path:
+        return public_key, None
+    with open(credential_path, encoding="ascii", errors="replace") as f:
+        credential = f.read().strip()
+    if not credential:
+        raise ValueError(f"credential file {credential_path} is empty")
+    return public_key, credential
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,6 +95,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the spill directory is shared with other nodes (an NFS-like mount): "
                         "misses rescan it for their segments")
 
+    p.add_argument("--manage-public-key", default=os.environ.get("EMS_MANAGE_PUBLIC_KEY"),
+                   help="PEM file of the management service's public key: the daemon then "
+                        "serves only while a credential signed with it activates the cluster "
+                        "(default: EMS_MANAGE_PUBLIC_KEY; none: activation is not enforced)")
+    p.add_argument("--credential", default=os.environ.get("EMS_CREDENTIAL"),
+                   help="file holding an activation credential token; the daemon verifies it "
+                        "and, with --zookeeper, writes it to the cluster's activation znode "
+                        "(default: EMS_CREDENTIAL; needs --manage-public-key)")
     p.add_argument("--secret-file", default=None,
                    help="file holding the cluster secret (default: EMS_SECRET or "
                         "EMS_SECRET_FILE; none means no authentication)")
@@ -117,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise ValueError(f"secret file {args.secret_file} is empty")
         else:
             secret = load_secret()
+        public_key, credential = load_activation(args.manage_public_key, args.credential)
     except (OSError, ValueError) as exc:
         parser.error(str(exc))
     config = DaemonConfig(
@@ -127,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
         pages=args.pages, slab_size=slab, zookeeper=args.zookeeper, peers=args.peers,
         cluster=args.cluster, secret=secret, max_connections=args.max_connections,
         spill_dir=args.spill_dir, spill_bytes=spill_bytes, spill_io=args.spill_io,
-        spill_shared=args.spill_shared)
+        spill_shared=args.spill_shared, manage_public_key=public_key, credential=credential,
+        credential_source=f"--credential {args.credential}")
     try:
         Daemon(config).run()
     except Exception as exc:   # a clear last line for the operator, then a failing exit

@@ -2,8 +2,8 @@
 
 Each test program is compiled together with every csrc/*.c file and run once per
 variant: plain, AddressSanitizer + UndefinedBehaviorSanitizer, and, for the
-multi-threaded stress programs and test_pool's multi-threaded spill ring test,
-ThreadSanitizer. A program passes when it exits 0; its output is shown on failure. The
+multi-threaded stress programs, test_pool's multi-threaded spill ring test and
+test_pool_gate's suspension race, ThreadSanitizer. A program passes when it exits 0; its output is shown on failure. The
 hugetlb tests change vm.nr_hugepages and so need root; they restore the old value
 afterwards.
 """
@@ -55,6 +55,9 @@ CASES = [
     ("test_pool", "plain", []),
     ("test_pool", "asan", []),
     ("test_pool", "tsan", ["spill"]),  # only the multi-threaded spill ring test
+    ("test_pool_gate", "plain", []),
+    ("test_pool_gate", "asan", []),
+    ("test_pool_gate", "tsan", ["race"]),  # only the multi-threaded suspension test
     ("test_pool_stress", "plain", ["200000"]),
     ("test_pool_stress", "asan", ["50000"]),
     ("test_pool_stress", "tsan", ["20000"]),

@@ -6,6 +6,7 @@ make_block from its key, so a reader checks each hit byte for byte. The counters
 clients (stats()) and of the daemons (STATS) show which path served a read: shared memory
 of the local daemon, or a directory lookup and a TCP GET from the holder.
 """
+import json
 import os
 import signal
 import threading
@@ -321,6 +322,21 @@ def test_metrics_endpoint_serves_prometheus_text(cluster):
         assert f'ems_pool_capacity_bytes{{node="{node_id}",tier="dram"}} 6.7108864e+07' \
             in text, node_id
         assert f'ems_cluster_nodes{{node="{node_id}"}} 3.0' in text, node_id
+
+
+def test_activation_not_enforced_without_key(cluster):
+    """Daemons without --manage-public-key serve and report that activation is off."""
+    for node_id, daemon in cluster.daemons.items():
+        status, text = http_get(daemon.metrics_port, "/activation")
+        assert status == 200, node_id
+        document = json.loads(text)
+        assert document["state"] == "not_enforced", node_id
+        assert document["serving"] is True, node_id
+        assert document["enforced"] is False, node_id
+        assert document["node_id"] == node_id
+        _, metrics = http_get(daemon.metrics_port, "/metrics")
+        assert f'ems_serving{{node="{node_id}"}} 1.0' in metrics, node_id
+        assert daemon.log().count("activation is not enforced") == 1, node_id
 
 
 def test_healthz_ok_while_running(cluster):

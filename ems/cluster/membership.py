@@ -410,6 +410,12 @@ class ZooKeeperMembership(Membership):
         with self._lock:
             return self._connected and not self._closed
 
+    @property
+    def client(self) -> KazooClient:
+        """The started kazoo client, for other watches of the same daemon (activation).
+        close() stops it, which ends those watches too."""
+        return self._client
+
     def update(self, record: NodeRecord) -> None:
         """Rewrite this daemon's record in ZooKeeper.
 

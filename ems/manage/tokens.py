@@ -156,17 +156,24 @@ def sign_standing(key: Ed25519PrivateKey, standing: Standing) -> str:
                        "deleted": standing.deleted})
 
 
+def parse_credential(public_key: Ed25519PublicKey, token: str) -> Credential:
+    """Check signature, kind and fields, but neither cluster nor expiry; return the
+    credential. Raises TokenError. Daemons use it to tell an expired or other-cluster
+    credential from a forged one."""
+    payload = _verify(public_key, token, "credential")
+    try:
+        return Credential(id=str(payload["id"]), account=str(payload["account"]),
+                          cluster=str(payload["cluster"]), issued=int(payload["issued"]),
+                          expires=int(payload["expires"]))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise TokenError(f"credential lacks a valid field: {exc}") from None
+
+
 def verify_credential(public_key: Ed25519PublicKey, token: str, *, cluster: str | None = None,
                       now: float | None = None) -> Credential:
     """Check signature, kind, cluster (when given) and expiry; return the credential.
     Raises TokenError with the reason."""
-    payload = _verify(public_key, token, "credential")
-    try:
-        credential = Credential(id=str(payload["id"]), account=str(payload["account"]),
-                                cluster=str(payload["cluster"]), issued=int(payload["issued"]),
-                                expires=int(payload["expires"]))
-    except (KeyError, TypeError, ValueError) as exc:
-        raise TokenError(f"credential lacks a valid field: {exc}") from None
+    credential = parse_credential(public_key, token)
     if cluster is not None and credential.cluster != cluster:
         raise TokenError(f"credential {credential.id} is for cluster {credential.cluster!r}, "
                          f"not {cluster!r}")

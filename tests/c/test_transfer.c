@@ -1208,6 +1208,152 @@ static void test_miss_handler_serves_lower_tier(void)
     fixture_stop(&f);
 }
 
+/* A suspended pool serves nothing over either socket. GET, EXISTS, MATCH_PREFIX, PREFETCH
+ * and PROTECT find no block, and the miss handler is not called for them. DIR_LOOKUP names
+ * no holder. PUT and local puts return -EACCES per key and store nothing. DELETE still
+ * reaches the pool and the handler, and DIR_REGISTER the directory. After the resume the
+ * blocks stored before are served again. */
+static void test_suspended_pool_serves_nothing(void)
+{
+    enum { N = 4 };
+    server_fixture_t f;
+    fixture_start(&f);
+    tier_t tier;
+    tier_init(&tier, &f.pool);
+    tier_ctx_t ctx;
+    tier_ctx_init(&ctx, &tier);
+    ems_conn_config_t tcp = tcp_config(&f, "miss", EMS_ROLE_CLIENT);
+    ems_conn_config_t local = local_config(&f, "miss");
+    ems_conn_t *remote = open_or_fail(&tcp);
+    ems_conn_t *near = open_or_fail(&local);
+    int fd = -1;
+    CHECK_EQ(ems_conn_local_attach(near, &fd, CALL_TIMEOUT_MS), 0);
+    struct stat st;
+    CHECK_EQ(fstat(fd, &st), 0);
+    uint64_t map_size = (uint64_t)st.st_size;
+    uint8_t *base = mmap(NULL, map_size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    CHECK(base != MAP_FAILED);
+
+    /* Tier keys 0 .. N - 1 go into the pool now; keys N .. 2N - 1 only the tier has. */
+    uint8_t keys[N * EMS_KEY_BYTES], below[N * EMS_KEY_BYTES];
+    uint64_t lengths[N], below_lengths[N];
+    const void *srcs[N];
+    void *dsts[N];
+    int64_t results[N];
+    for (int i = 0; i < N; i++) {
+        memcpy(keys + i * EMS_KEY_BYTES, tier.keys[i], EMS_KEY_BYTES);
+        memcpy(below + i * EMS_KEY_BYTES, tier.keys[N + i], EMS_KEY_BYTES);
+        lengths[i] = tier.length[i];
+        below_lengths[i] = tier.length[N + i];
+        srcs[i] = tier.payload[i];
+        dsts[i] = zeroed(tier_length(2 * N));
+    }
+    CHECK_EQ(ems_conn_put_many(remote, keys, N, srcs, lengths, results, CALL_TIMEOUT_MS), 0);
+    for (int i = 0; i < N; i++)
+        CHECK_EQ(results[i], 0);
+    ems_server_set_miss_handler(f.server, tier_handler, &ctx);
+    CHECK_EQ(ems_pool_set_suspended(&f.pool, 1), 0);
+
+    ems_conn_t *conns[2] = {remote, near};
+    for (int c = 0; c < 2; c++) {
+        ems_conn_t *conn = conns[c];
+        CHECK_EQ(ems_conn_get_many(conn, keys, N, dsts, lengths, results, CALL_TIMEOUT_MS), 0);
+        for (int i = 0; i < N; i++)
+            CHECK_EQ(results[i], -ENOENT);
+        CHECK_EQ(ems_conn_get_many(conn, below, N, dsts, below_lengths, results,
+                                   CALL_TIMEOUT_MS), 0);
+        for (int i = 0; i < N; i++)
+            CHECK_EQ(results[i], -ENOENT);
+        uint8_t present[N];
+        memset(present, 9, sizeof present);
+        CHECK_EQ(ems_conn_exists_many(conn, keys, N, present, CALL_TIMEOUT_MS), 0);
+        for (int i = 0; i < N; i++)
+            CHECK_EQ(present[i], 0);
+        CHECK_EQ(ems_conn_exists_many(conn, below, N, present, CALL_TIMEOUT_MS), 0);
+        for (int i = 0; i < N; i++)
+            CHECK_EQ(present[i], 0);
+        uint64_t count = 99;
+        CHECK_EQ(ems_conn_match_prefix(conn, keys, N, &count, CALL_TIMEOUT_MS), 0);
+        CHECK_EQ(count, 0);
+        CHECK_EQ(ems_conn_prefetch(conn, below, N, &count, CALL_TIMEOUT_MS), 0);
+        CHECK_EQ(count, 0);
+        CHECK_EQ(ems_conn_protect(conn, keys, N, 1, &count, CALL_TIMEOUT_MS), 0);
+        CHECK_EQ(count, 0);
+    }
+    CHECK_EQ(atomic_load(&ctx.calls), 0);
+
+    /* The directory shard names no holder, but a node may still register keys. */
+    ems_conn_config_t node_config = tcp_config(&f, "node", EMS_ROLE_NODE);
+    ems_conn_t *node = open_or_fail(&node_config);
+    CHECK_EQ(ems_conn_dir_register(node, &tier.stored[0][0], 2, 5, CALL_TIMEOUT_MS), 0);
+    uint32_t holders[2] = {0, 0};
+    CHECK_EQ(ems_conn_dir_lookup(remote, keys, 2, holders, CALL_TIMEOUT_MS), 0);
+    CHECK_EQ(holders[0], EMS_HOLDER_NONE);
+    CHECK_EQ(holders[1], EMS_HOLDER_NONE);
+
+    /* Writes: -EACCES per key over TCP and over the shared mapping; nothing is stored. */
+    CHECK_EQ(ems_conn_put_many(remote, below, N, srcs, lengths, results, CALL_TIMEOUT_MS), 0);
+    for (int i = 0; i < N; i++)
+        CHECK_EQ(results[i], -EACCES);
+    CHECK_EQ(ems_conn_local_put_many(near, base, map_size, below, N, srcs, lengths, results,
+                                     CALL_TIMEOUT_MS), 0);
+    for (int i = 0; i < N; i++)
+        CHECK_EQ(results[i], -EACCES);
+    /* Only the N blocks put before the suspension were announced as new. */
+    uint64_t dropped = 0;
+    uint8_t new_keys[8 * EMS_KEY_BYTES];
+    CHECK_EQ(ems_server_take_new_keys(f.server, new_keys, 8, &dropped), N);
+    ems_pool_stats_t pool_stats;
+    ems_pool_stats(&f.pool, &pool_stats, NULL, 0);
+    CHECK_EQ(pool_stats.blocks, N);
+    CHECK_EQ(pool_stats.suspended_drops, 2 * N);
+
+    char json[2048];
+    CHECK_EQ(ems_conn_stats(remote, json, sizeof json, CALL_TIMEOUT_MS), 0);
+    CHECK_EQ(count_of(json, "suspended"), 1);
+    CHECK_EQ(count_of(json, "suspended_drops"), 2 * N);
+    CHECK_EQ(count_of(json, "blocks"), N);
+
+    /* DELETE of the last pool key reaches the pool and, once, the handler. */
+    int64_t deleted;
+    CHECK_EQ(ems_conn_delete_many(remote, keys + (N - 1) * EMS_KEY_BYTES, 1, &deleted,
+                                  CALL_TIMEOUT_MS), 0);
+    CHECK_EQ(deleted, 0);
+    CHECK_EQ(atomic_load(&ctx.calls), 1);
+    pthread_mutex_lock(&ctx.lock);
+    CHECK_EQ(ctx.last_mode, EMS_MISS_DELETE);
+    pthread_mutex_unlock(&ctx.lock);
+
+    /* Resumed: the blocks stored before are hits with their contents, and the tier serves
+     * its keys again. */
+    CHECK_EQ(ems_pool_set_suspended(&f.pool, 0), 0);
+    CHECK_EQ(ems_conn_get_many(near, keys, N - 1, dsts, lengths, results, CALL_TIMEOUT_MS), 0);
+    for (int i = 0; i < N - 1; i++) {
+        CHECK_EQ(results[i], lengths[i]);
+        CHECK(memcmp(dsts[i], tier.payload[i], lengths[i]) == 0);
+    }
+    CHECK_EQ(ems_conn_get_many(remote, below, 1, dsts, below_lengths, results,
+                               CALL_TIMEOUT_MS), 0);
+    CHECK_EQ(results[0], below_lengths[0]);
+    CHECK(memcmp(dsts[0], tier.payload[N], below_lengths[0]) == 0);
+    CHECK_EQ(atomic_load(&ctx.calls), 2);
+    CHECK_EQ(ems_conn_dir_lookup(remote, keys, 2, holders, CALL_TIMEOUT_MS), 0);
+    CHECK_EQ(holders[0], 5);
+    CHECK_EQ(holders[1], 5);
+
+    ems_server_set_miss_handler(f.server, NULL, NULL);
+    ems_conn_close(node);
+    CHECK_EQ(munmap(base, map_size), 0);
+    close(fd);
+    ems_conn_close(remote);
+    ems_conn_close(near);
+    for (int i = 0; i < N; i++)
+        free(dsts[i]);
+    pthread_mutex_destroy(&ctx.lock);
+    tier_free(&tier);
+    fixture_stop(&f);
+}
+
 /* Client threads read tier keys while another thread keeps replacing the handler with a
  * fresh ctx or none. Every block read must be the right one, and no call may run on a ctx
  * after ems_server_set_miss_handler replaced it. */
@@ -1585,6 +1731,7 @@ int main(int argc, char **argv)
             (unsigned long long)(ems_now_ms() - begin));
     RUN_TEST(test_stop_with_open_connections);
     RUN_TEST(test_miss_handler_serves_lower_tier);
+    RUN_TEST(test_suspended_pool_serves_nothing);
     long miss_ops = ops / 20 > 100 ? ops / 20 : 100;
     fprintf(stderr, "[ RUN  ] test_miss_handler_concurrency (%ld requests per thread)\n",
             miss_ops);
