@@ -37,8 +37,8 @@ class Clock:
 
 
 class TimelineProbe:
-    """Counts nodes as the timeline says at the clock's time: a fake of the ZooKeeper
-    probe, for this unit of the sampler only."""
+    """Fake of the ZooKeeper probe, for this unit of the sampler only: it returns the
+    timeline's node count at the clock's time."""
 
     def __init__(self, clock: Clock, timeline: list[tuple[int, int]]):
         self.clock = clock
@@ -59,7 +59,7 @@ class TimelineProbe:
 
 # ---- the formula -------------------------------------------------------------------------
 
-def test_sample_times_are_every_five_minutes_on_the_clock():
+def test_sample_times_every_five_minutes():
     times = billing.sample_times(at(15, 33), at(16, 0))
     assert [time_text(t) for t in times] == ["15:35", "15:40", "15:45", "15:50", "15:55",
                                              "16:00"]

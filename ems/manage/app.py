@@ -1,7 +1,8 @@
 """The management REST API (FastAPI), served over HTTPS by `ems manage serve`.
 
-Every /v1 call except /v1/public-key must be signed (ems.manage.signing). An account sees
-only its own resources: another account's id answers 404, exactly like an unknown one.
+Every /v1 call except /v1/public-key must be signed (ems.manage.signing). An account reaches
+only its own resources: a request for another account's resource returns 404, as for an
+unknown id.
 Calls under /v1/accounts need the admin account that `ems manage init` creates. The
 OpenAPI schema is at /openapi.json.
 """
@@ -157,14 +158,14 @@ def create_app(service: Service, audit: AuditLog) -> FastAPI:
 
     @app.get("/v1/public-key", name="public_key.get", response_class=PlainTextResponse)
     def public_key():
-        """The Ed25519 public key (PEM) that verifies credentials and standing notices."""
+        """Return the Ed25519 public key (PEM) that verifies credentials and standing notices."""
         return service.public_pem.decode()
 
     # -- own account ------------------------------------------------------------------
 
     @app.get("/v1/account", name="account.get")
     def own_account(caller: Caller = Depends(authenticate)):
-        """The caller's account: price, balance, bill due and arrears state."""
+        """Return the caller's account: price, balance, bill due and arrears state."""
         return service.account_view(caller.account)
 
     @app.get("/v1/access-keys", name="access_key.list")
@@ -173,7 +174,7 @@ def create_app(service: Service, audit: AuditLog) -> FastAPI:
 
     @app.post("/v1/access-keys", name="access_key.create", status_code=201)
     def create_key(request: Request, caller: Caller = Depends(authenticate)):
-        """A new access key; the secret is in this response only."""
+        """Create an access key; the secret is in this response only."""
         key_id, secret = service.create_access_key(caller.account)
         request.state.resource = key_id
         return {"access_key_id": key_id, "secret_access_key": secret}
@@ -227,7 +228,7 @@ def create_app(service: Service, audit: AuditLog) -> FastAPI:
     @app.delete("/v1/credentials/{credential_id}", name="credential.revoke")
     def revoke_credential(credential_id: str, caller: Caller = Depends(authenticate)):
         """Revoke a credential; its cluster's daemons stop serving when they read the
-        standing notice (field `notice` says whether it was written)."""
+        standing notice (the field `notice` reports whether it was written)."""
         return service.revoke_credential(caller.account, credential_id)
 
     # -- billing ----------------------------------------------------------------------
@@ -235,7 +236,7 @@ def create_app(service: Service, audit: AuditLog) -> FastAPI:
     @app.get("/v1/bill", name="bill.get")
     def bill(month: str | None = None, cluster: str | None = None,
              caller: Caller = Depends(authenticate)):
-        """Itemised bill: one item per hour and cluster with node-hours, for a calendar
+        """Return the itemised bill: one item per hour and cluster with node-hours, for a calendar
         month (YYYY-MM, UTC; default: the current one)."""
         if cluster is not None:
             service.store.cluster(caller.account, cluster)

@@ -2,7 +2,7 @@
 
 A cluster is sampled every 5 minutes, at :05, :10, ... :55 and :00 of each hour (Unix times
 that are multiples of 300 s). A sample counts the nodes working normally at that instant. The
-sample at :00 closes the hour before it, so the hour that starts at H holds the samples at
+sample at :00 closes the hour before it, so the hour that starts at H contains the samples at
 H+5 min ... H+60 min. For each hour:
 
     billable node-hours = floor(sum of that hour's samples / 12)
@@ -34,7 +34,7 @@ def sample_times(start: float, end: float) -> list[int]:
 
 
 def last_sample_time(now: float) -> int:
-    """The latest sample time at or before `now`."""
+    """Return the latest sample time at or before `now`."""
     return int(now) // SAMPLE_INTERVAL_S * SAMPLE_INTERVAL_S
 
 
@@ -73,12 +73,12 @@ def hourly_node_hours(samples: Iterable[tuple[int, int]]) -> dict[int, int]:
 
 
 def charge(hours: int, price: Decimal) -> Decimal:
-    """The charge for `hours` node-hours at `price` per node-hour, exact."""
+    """Return the exact charge for `hours` node-hours at `price` per node-hour."""
     return Decimal(hours) * price
 
 
 def samples_of_timeline(timeline: list[tuple[int, int]], start: int, end: int) -> list[tuple[int, int]]:
-    """What sampling sees of a node-count timeline between start and end, inclusive.
+    """Return the samples of a node-count timeline between start and end, inclusive.
 
     timeline: (time, nodes) steps in time order: from each time on, `nodes` nodes work,
     until the next step. Before the first step there are none. A node that starts exactly

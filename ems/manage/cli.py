@@ -10,7 +10,7 @@
 
 Client commands sign their requests with the settings of ems.manage.client (a config file
 or EMS_* variables). Each prints a table, or the service's JSON with --json. Exit codes:
-0 success, 1 the service answered with an error or could not be reached, 2 bad usage.
+0 success, 1 the service returned an error or could not be reached, 2 bad usage.
 """
 from __future__ import annotations
 

@@ -1,10 +1,10 @@
 """A signed HTTPS client of the management API (stdlib only), and where its settings come
 from.
 
-Settings, later sources winning: the JSON file named by --config or EMS_MANAGE_CONFIG
-(default ~/.config/ems/manage.json) with keys url, access_key_id, secret_access_key and
-ca_file; then the variables EMS_MANAGE_URL, EMS_ACCESS_KEY_ID, EMS_SECRET_ACCESS_KEY and
-EMS_MANAGE_CA.
+Settings come first from the JSON file named by --config or EMS_MANAGE_CONFIG (default
+~/.config/ems/manage.json), with the keys url, access_key_id, secret_access_key and
+ca_file. The variables EMS_MANAGE_URL, EMS_ACCESS_KEY_ID, EMS_SECRET_ACCESS_KEY and
+EMS_MANAGE_CA override them.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ TIMEOUT_S = 30.0
 
 
 class ApiError(Exception):
-    """A call the service answered with an error status; the message is its reason."""
+    """Raised when the service returns an error status. The message is its reason."""
 
     def __init__(self, status: int, reason: str):
         super().__init__(f"HTTP {status}: {reason}")

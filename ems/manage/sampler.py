@@ -1,9 +1,9 @@
 """Metering: counts each cluster's working nodes at every sample time and keeps standing
 notices current.
 
-A node works normally when it is registered in the cluster's ZooKeeper, answers its
-`/activation` endpoint within PROBE_TIMEOUT_S, and says it serves under a credential of the
-cluster's account. A sample is recorded once per cluster and time (the store ignores a
+A node works normally when it is registered in the cluster's ZooKeeper, responds on its
+`/activation` endpoint within PROBE_TIMEOUT_S, and reports that it serves under a
+credential of the cluster's account. A sample is recorded once per cluster and time (the store ignores a
 second one), so a restarted service never counts a sample time twice. A sample time
 the service missed (it was down for more than GRACE_S after it) is not recorded: the
 service cannot know the past, and an unrecorded sample bills nothing.
@@ -97,8 +97,8 @@ class Sampler:
 
 
 class ZooKeeperProbe:
-    """Counts a cluster's working nodes through its ZooKeeper and the nodes' HTTP
-    endpoints. Keeps one ZooKeeper client per ensemble."""
+    """Node counter that reads a cluster's ZooKeeper and the nodes' HTTP endpoints, with
+    one ZooKeeper client per ensemble."""
 
     def __init__(self):
         self._clients = {}
@@ -150,8 +150,8 @@ class ZooKeeperProbe:
 
 
 def node_serves(record: NodeRecord) -> str | None:
-    """The account a node serves under, from its /activation endpoint; None when it does
-    not serve, does not answer, or has no metrics endpoint."""
+    """Return the account a node serves under, from its /activation endpoint; None when
+    it does not serve, does not respond, or has no metrics endpoint."""
     if not record.metrics_port:
         return None
     host = f"[{record.host}]" if ":" in record.host else record.host

@@ -1,8 +1,8 @@
 """Secret access keys at rest: sealed with AES-256-GCM under the service's master key.
 
-HMAC verification needs the secret itself, so it cannot be stored as a one-way hash; it is
-encrypted instead, with the access key id as associated data (a sealed secret copied to
-another key id does not open). The master key is a 32-byte file readable by the service's
+HMAC verification needs the secret itself, so it cannot be stored as a one-way hash. It
+is encrypted instead, with the access key id as associated data, so a sealed secret copied
+to another key id does not decrypt. The master key is a 32-byte file readable by the service's
 user only.
 """
 from __future__ import annotations
@@ -33,7 +33,8 @@ def load_master_key(path: str) -> bytes:
 
 
 def new_access_key() -> tuple[str, str]:
-    """A new (access key id, secret access key) pair: 'EK' and 18 characters, 40 characters."""
+    """Generate an (access key id, secret access key) pair: 'EK' and 18 characters, and
+    40 characters."""
     key_id = "EK" + "".join(secrets.choice(KEY_ID_ALPHABET) for _ in range(18))
     return key_id, secrets.token_urlsafe(30)
 

@@ -35,10 +35,10 @@ TLS_DAYS = 365
 def init_directory(directory: str, hostnames: list[str], port: int = DEFAULT_PORT) -> dict:
     """Create the service directory: keys, a self-signed certificate, the database and the
     admin account. Returns the admin's CLI configuration (also written to admin.json).
-    Refuses a directory that already holds a service."""
+    Raises FileExistsError for a directory that already contains a service."""
     os.makedirs(directory, mode=0o700, exist_ok=True)
     if os.path.exists(os.path.join(directory, "state.db")):
-        raise FileExistsError(f"{directory} already holds a management service (state.db); "
+        raise FileExistsError(f"{directory} already contains a management service (state.db); "
                               f"choose an empty directory")
     sealing.new_master_key(os.path.join(directory, "master.key"))
     key = tokens.new_private_key()
@@ -64,8 +64,8 @@ def init_directory(directory: str, hostnames: list[str], port: int = DEFAULT_POR
 
 
 def write_self_signed(directory: str, hostnames: list[str]) -> None:
-    """A P-256 key and a certificate for `hostnames` (names or IP addresses), for
-    development: clients trust it by naming tls.crt as their CA file."""
+    """Write a P-256 key and a self-signed certificate for `hostnames` (names or IP
+    addresses), for development. Clients trust it by naming tls.crt as their CA file."""
     key = ec.generate_private_key(ec.SECP256R1())
     names = []
     for name in hostnames:

@@ -1,5 +1,5 @@
 """The management service's logic, below HTTP: what each API call does to the state, and
-what the data plane is told (credentials and standing notices in ZooKeeper).
+what the service sends to the data plane (credentials and standing notices in ZooKeeper).
 
 Files in the service directory (`ems manage init` creates them):
 
@@ -39,7 +39,7 @@ def money(value) -> str:
 
 
 class Forbidden(PermissionError):
-    """A call that needs the admin account (the API says 403)."""
+    """A call that needs the admin account (the API returns 403)."""
 
 
 class Service:

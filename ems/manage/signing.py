@@ -62,7 +62,8 @@ def sign_headers(key_id: str, secret: str, method: str, path: str, query: str = 
 
 
 class SignatureError(Exception):
-    """A request that does not authenticate; the message is the reason given in the 401."""
+    """Raised for a request that does not authenticate. The message is the reason that the
+    401 response carries."""
 
 
 def check_headers(headers) -> tuple[str, int, str, str]:

@@ -50,11 +50,11 @@ MAX_TOPUP = Decimal("1000000000")
 
 
 class NotFound(LookupError):
-    """A resource that does not exist or belongs to another account (the API says 404)."""
+    """A resource that does not exist or belongs to another account (the API returns 404)."""
 
 
 class Conflict(ValueError):
-    """A request that clashes with the current state (the API says 409)."""
+    """A request that clashes with the current state (the API returns 409)."""
 
 
 def new_id(kind: str) -> str:
@@ -62,7 +62,7 @@ def new_id(kind: str) -> str:
 
 
 def parse_money(text, what: str, limit: Decimal, allow_zero: bool = False) -> Decimal:
-    """An amount above 0 (or at 0 with allow_zero) and at most `limit`, with at most 6
+    """Parse an amount above 0 (or at 0 with allow_zero) and at most `limit`, with at most 6
     decimal places; ValueError otherwise."""
     try:
         value = Decimal(str(text))
@@ -142,7 +142,7 @@ class Store:
                              (key_id, account_id, sealed, now))
 
     def access_key(self, key_id: str):
-        """The live key's row (account, sealed secret), or None."""
+        """Return the live key's row (account, sealed secret), or None."""
         with self._lock:
             return self._one("SELECT * FROM access_keys WHERE id = ? AND revoked IS NULL",
                              key_id)
@@ -191,7 +191,7 @@ class Store:
         return self.cluster(account_id, cluster_id)
 
     def cluster(self, account_id: str | None, cluster_id: str) -> dict:
-        """A cluster of the account (any account when account_id is None)."""
+        """Return a cluster of the account (of any account when account_id is None)."""
         with self._lock:
             row = self._one("SELECT * FROM clusters WHERE id = ?", cluster_id)
         if row is None or (account_id is not None and row["account"] != account_id):

@@ -3,7 +3,7 @@
 Two kinds travel from the service to the data plane:
 
 - a **credential** activates one cluster of one account until it expires;
-- a **standing notice** tells a cluster's daemons what the service knows since: which
+- a **standing notice** gives a cluster's daemons the service's current view: which
   credentials are revoked, whether the account is in arrears, whether the cluster was
   deleted. A newer notice replaces an older one (compare `issued`).
 
@@ -48,7 +48,7 @@ class Credential:
 
 @dataclass(frozen=True)
 class Standing:
-    """What the service says about a cluster at `issued` (Unix ms, for ordering)."""
+    """The service's view of a cluster at `issued` (Unix ms, for ordering)."""
 
     account: str
     cluster: str

@@ -3,9 +3,10 @@
     /ems/clusters/<cluster>/activation   the credential token that activated the cluster
     /ems/clusters/<cluster>/standing     the service's latest signed standing notice
 
-Both are persistent znodes of ASCII token text. Anyone may write them (the ensemble's ACL
-is open, as for membership); daemons trust only what verifies with the service's public
-key, so a written token can at most be replaced by an older genuine one.
+Both are persistent znodes of ASCII token text. Anyone may write them, because the
+ensemble's ACL is open, as for membership. Daemons trust only what verifies with the
+service's public key, so a forged token is ignored, and an attacker can at most replace a
+token with an older genuine one.
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ def connect(hosts: str, timeout: float = CONNECT_TIMEOUT_S) -> KazooClient:
         client.start(timeout=timeout)
     except client.handler.timeout_exception:
         client.close()
-        raise MembershipError(f"ZooKeeper at {hosts} did not answer within {timeout:g} s; "
+        raise MembershipError(f"ZooKeeper at {hosts} did not respond within {timeout:g} s; "
                               f"check that it is running and reachable") from None
     return client
 
