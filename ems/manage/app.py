@@ -9,6 +9,8 @@ OpenAPI schema is at /openapi.json.
 from __future__ import annotations
 
 import calendar
+import logging
+import os
 import re
 import time
 from decimal import Decimal
@@ -16,16 +18,21 @@ from decimal import Decimal
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 
 import ems
 from ems.manage import billing, signing
 from ems.manage.audit import AuditLog
+from ems.manage.nodes import node_view
 from ems.manage.service import (DEFAULT_CREDENTIAL_LIFETIME_S, Forbidden, Service, money,
                                 require_admin)
 from ems.manage.store import Conflict, NotFound
 
+log = logging.getLogger("ems.manage")
+
 MONTH_PATTERN = re.compile(r"(\d{4})-(\d{2})")
+CONSOLE_DIR = os.path.join(os.path.dirname(__file__), "console")
 MAX_BODY_BYTES = 64 << 10   # every request body of this API is a small JSON object
 
 
@@ -152,6 +159,9 @@ def create_app(service: Service, audit: AuditLog) -> FastAPI:
 
     # -- unsigned ---------------------------------------------------------------------
 
+    # The console is static: its page signs each API call in the browser.
+    app.mount("/console", StaticFiles(directory=CONSOLE_DIR, html=True), name="console")
+
     @app.get("/healthz", name="health", response_class=PlainTextResponse)
     def health():
         return "ok\n"
@@ -200,6 +210,21 @@ def create_app(service: Service, audit: AuditLog) -> FastAPI:
     @app.get("/v1/clusters/{cluster_id}", name="cluster.get")
     def get_cluster(cluster_id: str, caller: Caller = Depends(authenticate)):
         return service.cluster_view(service.store.cluster(caller.account, cluster_id))
+
+    @app.get("/v1/clusters/{cluster_id}/nodes", name="cluster.nodes")
+    def cluster_nodes(cluster_id: str, caller: Caller = Depends(authenticate)):
+        """Return the cluster's registered nodes, each with its activation state, capacity
+        and use per tier and hit ratio, read from the nodes now."""
+        cluster = service.store.cluster(caller.account, cluster_id)
+        if cluster["deleted"] is not None:
+            return {"nodes": [], "error": None}
+        try:
+            records = service.probe.records(cluster)
+        except Exception as exc:   # ZooKeeper down: the console shows why
+            log.warning("nodes of cluster %s (%s) not read from ZooKeeper %s: %s", cluster_id,
+                        cluster["name"], cluster["zookeeper"], exc)
+            return {"nodes": [], "error": f"ZooKeeper {cluster['zookeeper']}: {exc}"}
+        return {"nodes": service.probe.map(node_view, records), "error": None}
 
     @app.delete("/v1/clusters/{cluster_id}", name="cluster.delete")
     def delete_cluster(cluster_id: str, caller: Caller = Depends(authenticate)):

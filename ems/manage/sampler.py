@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
@@ -57,16 +58,16 @@ class Sampler:
             try:
                 nodes = self.probe.count(cluster)
             except Exception as exc:   # retried on the next pass within GRACE_S
-                log.warning("sample %d of cluster %s (%s) failed: %s", t, cluster["id"],
-                            cluster["name"], exc)
+                log.warning("sample of %s of cluster %s (%s) failed: %s", _utc(t),
+                            cluster["id"], cluster["name"], exc)
                 continue
             if store.record_sample(cluster["id"], t, nodes):
                 recorded[cluster["id"]] = nodes
                 if nodes and cluster["activated"] is None:
                     store.mark_activated(cluster["id"], t)
         if recorded:
-            log.info("sample %d: %s", t, ", ".join(f"{cid} {n} nodes"
-                                                    for cid, n in recorded.items()))
+            log.info("sample of %s: %s", _utc(t), ", ".join(f"cluster {cid} {n} nodes"
+                                                          for cid, n in recorded.items()))
         return recorded
 
     def publish_changed(self, now: int) -> None:
@@ -105,9 +106,12 @@ class ZooKeeperProbe:
         self._pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="ems-probe")
 
     def count(self, cluster: dict) -> int:
-        records = self.records(cluster)
-        answers = self._pool.map(node_serves, records)
+        answers = self.map(node_serves, self.records(cluster))
         return sum(1 for serves in answers if serves == cluster["account"])
+
+    def map(self, function, records: list[NodeRecord]) -> list:
+        """Call function on each record in parallel (it does network I/O)."""
+        return list(self._pool.map(function, records))
 
     def records(self, cluster: dict) -> list[NodeRecord]:
         client = self._client(cluster["zookeeper"])
@@ -164,3 +168,7 @@ def node_serves(record: NodeRecord) -> str | None:
     if not isinstance(state, dict) or state.get("serving") is not True:
         return None
     return state.get("account") if isinstance(state.get("account"), str) else None
+
+
+def _utc(t: int) -> str:
+    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(t))

@@ -21,7 +21,7 @@ from prometheus_client.core import GaugeMetricFamily
 from ems.manage import sealing, tokens
 from ems.manage.app import create_app
 from ems.manage.audit import AuditLog
-from ems.manage.sampler import Sampler
+from ems.manage.sampler import Sampler, ZooKeeperProbe
 from ems.manage.service import Service
 
 log = logging.getLogger("ems.manage")
@@ -106,7 +106,8 @@ class ManageServer:
         self.service = Service(directory, **({"clock": clock} if clock else {}))
         self.audit = AuditLog(os.path.join(directory, "audit.log"))
         self.app = create_app(self.service, self.audit)
-        self.sampler = Sampler(self.service, probe) if sample else None
+        self.service.probe = probe or ZooKeeperProbe()
+        self.sampler = Sampler(self.service, self.service.probe) if sample else None
         self.config = uvicorn.Config(
             self.app, host=host, port=port, log_level="warning", access_log=False,
             ssl_certfile=tls_cert or os.path.join(directory, "tls.crt"),
@@ -142,6 +143,8 @@ class ManageServer:
             self._thread.join(timeout=10)
         if self.sampler is not None:
             self.sampler.stop()
+        else:
+            self.service.probe.close()
         if self.metrics is not None:
             self.metrics.stop()
         self.audit.close()

@@ -58,6 +58,7 @@ class Service:
         self._published: dict[str, tuple] = {}
         self._retry_at: dict[str, float] = {}   # cluster id -> clock time of the next try
         self._publish_lock = threading.Lock()
+        self.probe = None   # reads clusters' ZooKeeper and nodes; set by ManageServer
 
     def now(self) -> int:
         return int(self.clock())
