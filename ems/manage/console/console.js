@@ -28,7 +28,8 @@ function encode(text) {
 function canonicalQuery(params) {
   const pairs = Object.entries(params).filter(([, v]) => v !== null && v !== undefined)
     .map(([k, v]) => [String(k), String(v)]);
-  // Sorted by name, then value, comparing code units as Python compares str.
+  // Sorted by name, then value. JavaScript compares UTF-16 code units and Python code
+  // points: the orders differ only for characters outside the Basic Multilingual Plane.
   pairs.sort((a, b) => {
     if (a[0] !== b[0]) return a[0] < b[0] ? -1 : 1;
     if (a[1] !== b[1]) return a[1] < b[1] ? -1 : 1;
