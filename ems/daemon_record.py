@@ -7,6 +7,10 @@ pid from being taken for the daemon. The daemon writes the record once it serves
 cleanly. The record stays after the stop, because the spill directory it names outlives
 the process. The run directory is a tmpfs on most hosts (/dev/shm, /run/ems), so records
 are gone after a reboot.
+
+The pid is the one in the daemon's PID namespace. Read from another namespace (a cleanup
+pod), it names some other process or none, and the start time check then almost always
+makes the daemon count as exited.
 """
 from __future__ import annotations
 

@@ -198,9 +198,8 @@ def make_plan(args, directory: str) -> Plan:
             by_path[path] = _scan_spill_dir(path, origin)
             plan.spill_dirs.append(by_path[path])
     for record in plan.running + plan.left_running:
-        spill = by_path.get(os.path.abspath(record.get("spill_dir") or "/nonexistent/"))
-        if spill is not None:
-            spill.owners.append(record.get("node_id"))
+        if record.get("spill_dir") and os.path.abspath(record["spill_dir"]) in by_path:
+            by_path[os.path.abspath(record["spill_dir"])].owners.append(record.get("node_id"))
 
     if args.zookeeper:
         plan.znodes, members = _cluster_tree(args.zookeeper, args.cluster)
