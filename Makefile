@@ -14,7 +14,7 @@ $(PY):
 # and torchcodec wheels that fail to import against that torch. Text models need none of
 # them, so they are removed (pip check then lists them as missing, which is expected).
 setup: $(PY)
-	$(PY) -m pip install -e '.[test,vllm,spill,replay,manage]'
+	$(PY) -m pip install -e '.[test,vllm,spill,replay,manage,ops]'
 	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec
 
 test: setup

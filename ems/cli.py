@@ -10,6 +10,8 @@
     ems account|access-key|cluster|credential|bill ...
                                    signed calls to the management API (ems.manage.cli)
     ems activate --credential ...  activate a cluster (python -m ems.manage.activate_cli)
+    ems uninstall [--zookeeper ... --cluster ...]
+                                   remove EMS from this host and the cluster (python -m ems.uninstall)
 
 Each subcommand takes the options of the module it runs; `ems SUBCOMMAND --help` lists them.
 """
@@ -33,6 +35,8 @@ SUBCOMMANDS = {
     "bill": ("ems.manage.cli:bill_main", "itemised bill: node-hours per hour and cluster"),
     "activate": ("ems.manage.activate_cli", "activate a cluster with a credential from the "
                  "management service"),
+    "uninstall": ("ems.uninstall", "stop this host's daemons, delete a cluster's ZooKeeper "
+                  "records and remove spill directories"),
     "replay": ("ems.replay.__main__", "multi-turn replay of real conversations through vLLM"),
     "build-model": ("ems.tools.build_model", "build the small random-weight model and tokenizer"),
 }

@@ -26,7 +26,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 import ems
-from ems import _core
+from ems import _core, daemon_record
 from ems.client import directory_shards
 from ems.cluster.membership import (NodeRecord, check_own_entry, open_membership,
                                     parse_peers)
@@ -96,11 +96,14 @@ class Daemon:
         self._unreachable: set[str] = set()   # node ids whose last ping or announce failed
         self._last_warning: dict[str, float] = {}
         self.announced = 0
+        self.record_path: str | None = None   # set once the daemon record is written
+        self._started: float | None = None    # Unix time start() began
 
     # -- lifecycle --
 
     def start(self) -> None:
         cfg = self.config
+        self._started = time.time()
         socket_path = cfg.socket_path or os.path.join(run_dir(), f"ems-{cfg.node_id}.sock")
         if cfg.secret is None:
             logger.warning("no cluster secret configured: the daemon accepts any client "
@@ -167,6 +170,7 @@ class Daemon:
         self.membership.add_listener(self._on_members)
         self._pump_thread = threading.Thread(target=self._pump, name="ems-pump", daemon=True)
         self._pump_thread.start()
+        self._write_record()
         logger.info("node %s serving %d bytes (%s pages) on %s:%d and %s; spill tier: %s; "
                     "metrics on %s; membership: %s; activation: %s", cfg.node_id,
                     stats["capacity_bytes"],
@@ -176,7 +180,7 @@ class Daemon:
                     f"{cfg.metrics_host}:{self.metrics.port}" if self.metrics else "nowhere",
                     f"ZooKeeper {cfg.zookeeper}" if cfg.zookeeper else
                     f"static peers ({len(self.membership.nodes())} nodes)",
-                    self._activation_summary())
+                    self._activation_summary(), extra={"cluster": cfg.cluster})
 
     def stop(self) -> None:
         logger.info("node %s stopping", self.config.node_id)
@@ -195,7 +199,27 @@ class Daemon:
         if self.metrics is not None:
             self.metrics.stop()
         self._close_storage()
+        if self.record_path is not None:
+            self._write_record(stopped=time.time())
         logger.info("node %s stopped", self.config.node_id)
+
+    def _write_record(self, **fields) -> None:
+        """Write (or rewrite) the daemon record that `ems uninstall` reads (see
+        ems.daemon_record). A failure is logged: the daemon serves without a record."""
+        cfg = self.config
+        path = daemon_record.record_path(run_dir(), cfg.node_id)
+        record = {"pid": os.getpid(), "start_ticks": daemon_record.process_start_ticks(
+                      os.getpid()),
+                  "node_id": cfg.node_id, "cluster": cfg.cluster, "zookeeper": cfg.zookeeper,
+                  "socket": self.socket_path,
+                  "spill_dir": os.path.abspath(cfg.spill_dir) if cfg.spill_dir else None,
+                  "spill_shared": cfg.spill_shared, "started": self._started, **fields}
+        try:
+            daemon_record.write(path, record)
+            self.record_path = path
+        except OSError as exc:
+            logger.warning("node %s: cannot write the daemon record %s: %s; `ems uninstall` "
+                           "will not find this daemon", cfg.node_id, path, exc)
 
     def _close_storage(self) -> None:
         """Close the spill tier (publishing its open segment), then the pool. The server
@@ -242,7 +266,7 @@ class Daemon:
                 continue
             forgotten = self.server.dir_forget(self.nodes[node_id].holder_id())
             logger.info("dropped %d directory entries that pointed to lost node %s",
-                        forgotten, node_id)
+                        forgotten, node_id, extra={"peer": node_id})
         # The pump closes the connections of lost nodes (_check_peers): a Connection is
         # not thread-safe, and this runs on the membership's thread.
         self.nodes = dict(nodes)
@@ -300,7 +324,8 @@ class Daemon:
                 self._drop_node_conn(node_id)
                 if node_id not in self._unreachable:
                     self._unreachable.add(node_id)
-                    logger.warning("ping to node %s failed: %s", node_id, exc)
+                    logger.warning("ping to node %s failed: %s", node_id, exc,
+                                   extra={"peer": node_id})
                 continue
             if node_id in self._unreachable:
                 self._unreachable.discard(node_id)

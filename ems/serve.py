@@ -7,6 +7,7 @@ import os
 import socket
 import sys
 
+from ems import logs
 from ems.client import load_secret
 from ems.daemon import Daemon, DaemonConfig
 from ems.manage.tokens import load_public_key
@@ -109,19 +110,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-connections", type=int, default=256,
                    help="open connections served at once; more are refused as busy "
                         "(default 256)")
-    p.add_argument("--log-level", default="INFO",
-                   help="DEBUG, INFO, WARNING or ERROR (default INFO)")
+    logs.add_arguments(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # kazoo warns on every reconnect attempt; ems.cluster.membership logs an outage once.
-    logging.getLogger("kazoo.client").setLevel(logging.ERROR)
     try:
+        logs.configure(args.log_format, args.log_level, node_id=args.node_id)
         capacity = parse_size(args.capacity)
         slab = parse_size(args.slab_size) if args.slab_size else None
         memory = physical_memory_bytes()
@@ -161,7 +158,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         Daemon(config).run()
     except Exception as exc:   # a clear last line for the operator, then a failing exit
-        logging.getLogger("ems.daemon").error("node %s failed: %s", args.node_id, exc)
+        # The traceback goes into the JSON line's exception field; text keeps one line.
+        logging.getLogger("ems.daemon").error(
+            "node %s failed: %s", args.node_id, exc, extra={"cluster": args.cluster},
+            exc_info=exc if args.log_format == "json" else None)
         return 1
     return 0
 

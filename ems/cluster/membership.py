@@ -270,12 +270,16 @@ class Membership:
                 elif _address(old) != _address(record):
                     moved.append(record)
 
+        # `peer` and `cluster` become fields of JSON log lines (ems.logs).
+        cluster = getattr(self, "cluster", None)
         for record in joined:
-            log.info("node %s joined (%s)", record.node_id, _address(record))
+            log.info("node %s joined (%s)", record.node_id, _address(record),
+                     extra={"cluster": cluster, "peer": record.node_id})
         for record in moved:
-            log.info("node %s moved to %s", record.node_id, _address(record))
+            log.info("node %s moved to %s", record.node_id, _address(record),
+                     extra={"cluster": cluster, "peer": record.node_id})
         for node_id in left:
-            log.info("node %s left", node_id)
+            log.info("node %s left", node_id, extra={"cluster": cluster, "peer": node_id})
         for record, other in collisions:
             log.error("nodes %s and %s have the same holder id 0x%08x, so the key directory "
                       "cannot tell them apart; rename one", record.node_id, other.node_id,
@@ -402,7 +406,8 @@ class ZooKeeperMembership(Membership):
             raise
         if record is not None:
             log.info("node %s registered in cluster %s at ZooKeeper %s (%s)",
-                     record.node_id, cluster, hosts, _address(record))
+                     record.node_id, cluster, hosts, _address(record),
+                     extra={"cluster": cluster})
 
     @property
     def connected(self) -> bool:
@@ -466,11 +471,12 @@ class ZooKeeperMembership(Membership):
         if self._record is None:
             return
         if connected:
-            log.info("node %s left cluster %s", self._record.node_id, self.cluster)
+            log.info("node %s left cluster %s", self._record.node_id, self.cluster,
+                     extra={"cluster": self.cluster})
         else:
             log.warning("node %s closed its membership while ZooKeeper was unreachable; its "
                         "record stays in cluster %s until the session times out",
-                        self._record.node_id, self.cluster)
+                        self._record.node_id, self.cluster, extra={"cluster": self.cluster})
 
     def _path(self, node_id: str) -> str:
         return f"{self._dir}/{node_id}"

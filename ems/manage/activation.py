@@ -231,7 +231,9 @@ class ActivationGate:
             else:
                 zkstate.write(self._client, path, token.strip())
                 logger.info("node %s: wrote credential %s from %s to %s", self.node_id,
-                            mine.credential, source, path)
+                            mine.credential, source, path,
+                            extra={"cluster": self.cluster, "account": mine.account,
+                                   "credential": mine.credential})
             self._write_pending = False
         except KazooException as exc:
             self._next_write = self.clock() + WRITE_RETRY_S
@@ -354,7 +356,9 @@ class ActivationGate:
             self._log(status)
 
     def _log(self, status: ActivationStatus) -> None:
+        ids = {"cluster": self.cluster, "account": status.account,
+               "credential": status.credential, "state": status.state}
         if status.serving:
-            logger.info("node %s: serving: %s", self.node_id, status.reason)
+            logger.info("node %s: serving: %s", self.node_id, status.reason, extra=ids)
         else:
-            logger.warning("node %s: not serving: %s", self.node_id, status.reason)
+            logger.warning("node %s: not serving: %s", self.node_id, status.reason, extra=ids)

@@ -24,6 +24,7 @@ import sys
 import threading
 import time
 
+from ems import logs
 from ems.admin import format_table
 
 DURATION = re.compile(r"(\d+)([smhd])")
@@ -73,7 +74,7 @@ def manage_main(argv: list[str] | None = None) -> int:
     serve.add_argument("--metrics-port", type=int, default=DEFAULT_METRICS_PORT,
                        help=f"Prometheus endpoint port (default {DEFAULT_METRICS_PORT}; "
                             f"-1: none)")
-    serve.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
+    logs.add_arguments(serve)
     args = parser.parse_args(argv)
     if args.command == "init":
         return _init(parser, args)
@@ -103,10 +104,9 @@ def _init(parser, args) -> int:
 def _serve(parser, args) -> int:
     from ems.manage.server import ManageServer
 
-    logging.basicConfig(level=args.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("kazoo.client").setLevel(logging.ERROR)
     try:
+        # The management service has no node id: node_id is null in JSON lines.
+        logs.configure(args.log_format, args.log_level, node_id=None)
         server = ManageServer(args.dir, args.host, args.port, args.tls_cert, args.tls_key,
                               args.metrics_host,
                               None if args.metrics_port < 0 else args.metrics_port)

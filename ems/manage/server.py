@@ -109,7 +109,10 @@ class ManageServer:
         self.service.probe = probe or ZooKeeperProbe()
         self.sampler = Sampler(self.service, self.service.probe) if sample else None
         self.config = uvicorn.Config(
+            # log_config=None: uvicorn's loggers propagate to the root handler that
+            # ems.logs set up, so its lines take the service's text or JSON format.
             self.app, host=host, port=port, log_level="warning", access_log=False,
+            log_config=None,
             ssl_certfile=tls_cert or os.path.join(directory, "tls.crt"),
             ssl_keyfile=tls_key or os.path.join(directory, "tls.key"))
         self.server = uvicorn.Server(self.config)

@@ -191,12 +191,14 @@ class Service:
                 self._retry_at[cluster["id"]] = self.clock() + PUBLISH_RETRY_S
                 log.warning("standing notice of cluster %s (%s) not written to ZooKeeper %s: "
                             "%s; retrying in %.0f s", cluster["id"], cluster["name"],
-                            cluster["zookeeper"], exc, PUBLISH_RETRY_S)
+                            cluster["zookeeper"], exc, PUBLISH_RETRY_S,
+                            extra={"cluster": cluster["id"], "account": cluster["account"]})
                 return f"pending: ZooKeeper {cluster['zookeeper']} unreachable ({exc})"
             self._published[cluster["id"]] = content
         log.info("standing notice of cluster %s (%s): revoked %d credentials, arrears %s, "
                  "deleted %s", cluster["id"], cluster["name"], len(standing.revoked),
-                 standing.arrears, standing.deleted)
+                 standing.arrears, standing.deleted,
+                 extra={"cluster": cluster["id"], "account": cluster["account"]})
         return "published"
 
     def publish_account(self, account_id: str) -> None:

@@ -403,7 +403,8 @@ class SpillStore:
             self._counters["enospc"] += 1
             if self._spilling:
                 log.warning("spill directory %s is full (%s); spilling stopped, reads go on",
-                            self.directory, error)
+                            self.directory, error,
+                            extra={"spill_dir": self.directory, "errno": error.errno})
             self._spilling = False
             self._seal()
         else:
