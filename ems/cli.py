@@ -3,6 +3,7 @@
     ems serve ...                  run a node daemon (python -m ems.serve)
     ems replay --model DIR ...     multi-turn replay through vLLM (python -m ems.replay)
     ems build-model DIR ...        the local random-weight model (python -m ems.tools.build_model)
+    ems plan --model CONFIG.json   KV bytes, contexts per tier (python -m ems.tools.plan)
     ems stats [--watch SECONDS]    pool statistics of every daemon (python -m ems.admin stats)
     ems nodes                      cluster members and PING times (python -m ems.admin nodes)
     ems route --tokens ... ...     the node with the longest cached prefix (python -m ems.admin route)
@@ -39,6 +40,7 @@ SUBCOMMANDS = {
                   "records and remove spill directories"),
     "replay": ("ems.replay.__main__", "multi-turn replay of real conversations through vLLM"),
     "build-model": ("ems.tools.build_model", "build the small random-weight model and tokenizer"),
+    "plan": ("ems.tools.plan", "KV-cache bytes of a model and the contexts each tier holds"),
 }
 
 
