@@ -6,7 +6,8 @@ from setuptools import Extension, setup
 
 CORE_SOURCES = ["arena.c", "slab.c", "index.c", "pool.c", "pool_read.c", "pool_write.c",
                 "spill_ring.c", "crc32c.c", "frame.c", "sha256.c", "auth.c", "netio.c",
-                "directory.c", "server.c", "server_ops.c", "server_miss.c", "client.c"]
+                "directory.c", "latency.c", "server.c", "server_ops.c", "server_miss.c",
+                "client.c"]
 
 # The core is C11 and must build without warnings; EMS_DEBUG=1 adds assertions and -O0.
 c_flags = ["-std=c11", "-Wall", "-Wextra", "-Werror", "-O3", "-fno-strict-aliasing"]

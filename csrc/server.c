@@ -156,6 +156,13 @@ void ems_server_stats(ems_server_t *server, ems_server_stats_t *s)
     s->miss_calls = LOAD(miss_calls);
     s->miss_keys = LOAD(miss_keys);
     s->miss_found = LOAD(miss_found);
+    s->err_bad_request = LOAD(status_errors[EMS_STATUS_BAD_REQUEST]);
+    s->err_unauthenticated = LOAD(status_errors[EMS_STATUS_UNAUTHENTICATED]);
+    s->err_unsupported_version = LOAD(status_errors[EMS_STATUS_UNSUPPORTED_VERSION]);
+    s->err_too_large = LOAD(status_errors[EMS_STATUS_TOO_LARGE]);
+    s->err_internal = LOAD(status_errors[EMS_STATUS_INTERNAL]);
+    s->err_timeout = LOAD(timeouts);
+    s->err_transport = LOAD(transport_errors);
 
     pthread_mutex_lock(&server->conns_lock);
     s->connections_open = server->nconns;
@@ -168,6 +175,26 @@ void ems_server_stats(ems_server_t *server, ems_server_stats_t *s)
     s->dir_hits = server->dir.hits;
     s->dir_evictions = server->dir.evictions;
     pthread_mutex_unlock(&server->dir.lock);
+}
+
+int ems_server_latency(ems_server_t *server, uint16_t opcode, ems_latency_snapshot_t *out)
+{
+    if (opcode < EMS_OP_PING || opcode > EMS_OP_LAST) {
+        memset(out, 0, sizeof *out);
+        return -EINVAL;
+    }
+    ems_latency_read(&server->count.latency[opcode], out);
+    return 0;
+}
+
+void ems_srv_count_io_error(struct ems_server *server, int rc)
+{
+    if (atomic_load(&server->stopping))
+        return;
+    if (rc == -ETIMEDOUT)
+        atomic_fetch_add_explicit(&server->count.timeouts, 1, memory_order_relaxed);
+    else
+        atomic_fetch_add_explicit(&server->count.transport_errors, 1, memory_order_relaxed);
 }
 
 /* ---- frames ------------------------------------------------------------------------ */
@@ -215,11 +242,19 @@ int ems_srv_respond(ems_srv_conn_t *conn, const ems_frame_t *req, uint16_t statu
     iov[0].iov_len = sizeof header;
     for (int i = 0; i < nparts; i++)
         iov[i + 1] = parts[i];
-    if (status != EMS_STATUS_OK)
+    if (status != EMS_STATUS_OK) {
         atomic_fetch_add_explicit(&conn->server->count.errors, 1, memory_order_relaxed);
+        if (status <= EMS_STATUS_INTERNAL)
+            atomic_fetch_add_explicit(&conn->server->count.status_errors[status], 1,
+                                      memory_order_relaxed);
+    }
     atomic_fetch_add_explicit(&conn->server->count.bytes_out, sizeof header + len,
                               memory_order_relaxed);
-    return ems_send_all(conn->fd, iov, nparts + 1, ems_deadline_in(conn->server->cfg.io_timeout_ms));
+    int rc = ems_send_all(conn->fd, iov, nparts + 1,
+                          ems_deadline_in(conn->server->cfg.io_timeout_ms));
+    if (rc < 0)
+        ems_srv_count_io_error(conn->server, rc);
+    return rc;
 }
 
 int ems_srv_read_payload(ems_srv_conn_t *conn, const ems_frame_t *req)
@@ -295,20 +330,29 @@ static int read_header(ems_srv_conn_t *conn, uint8_t header[EMS_FRAME_HEADER_BYT
 {
     ems_server_t *server = conn->server;
     int ready = ems_wait_readable(conn->fd, ems_deadline_in(server->cfg.idle_timeout_ms));
-    if (ready <= 0)
-        return ready == 0 ? -ETIMEDOUT : ready;
+    if (ready == 0)
+        return -ETIMEDOUT;   /* idle: not counted as an error */
+    if (ready < 0) {
+        ems_srv_count_io_error(server, ready);
+        return ready;
+    }
     ssize_t peek = recv(conn->fd, header, 1, MSG_PEEK | MSG_DONTWAIT);
     if (peek == 0)
         return 1;
-    if (peek < 0 && errno != EAGAIN && errno != EINTR)
-        return -errno;
+    if (peek < 0 && errno != EAGAIN && errno != EINTR) {
+        int err = -errno;
+        ems_srv_count_io_error(server, err);
+        return err;
+    }
     int rc = ems_recv_all(conn->fd, header, EMS_FRAME_HEADER_BYTES,
                           ems_deadline_in(server->cfg.io_timeout_ms));
-    /* A header has begun, so an end of stream here cuts a frame in two. That is logged,
-     * unlike a close between frames. */
+    /* A header has begun, so an end of stream here cuts a frame in two. Unlike a close
+     * between frames, that is logged and counted as a transport error. */
     if (rc == -ECONNRESET)
         ems_srv_log(server, "connection from %s closed in the middle of a frame header",
                     conn->peer);
+    if (rc < 0)
+        ems_srv_count_io_error(server, rc);
     return rc;
 }
 
@@ -330,6 +374,7 @@ static void *conn_main(void *arg)
             break;
         }
         atomic_fetch_add_explicit(&server->count.bytes_in, sizeof header, memory_order_relaxed);
+        uint64_t started = ems_now_ns();   /* a request's duration starts with its header */
 
         ems_frame_t req;
         rc = ems_frame_decode(header, server->cfg.max_payload, &req);
@@ -344,7 +389,9 @@ static void *conn_main(void *arg)
             break;
         }
         atomic_fetch_add_explicit(&server->count.requests, 1, memory_order_relaxed);
-        if (ems_srv_dispatch(conn, &req) < 0)
+        rc = ems_srv_dispatch(conn, &req);
+        ems_latency_observe(&server->count.latency[req.opcode], ems_now_ns() - started);
+        if (rc < 0)
             break;
     }
     conn_free(conn);

@@ -23,6 +23,9 @@ typedef struct ems_srv_counters {
     _Atomic uint64_t gets, get_hits, get_misses, puts, put_stored, bytes_in, bytes_out;
     _Atomic uint64_t local_puts;
     _Atomic uint64_t miss_calls, miss_keys, miss_found;
+    _Atomic uint64_t status_errors[EMS_STATUS_INTERNAL + 1];   /* by response status */
+    _Atomic uint64_t timeouts, transport_errors;
+    ems_latency_t latency[EMS_OP_LAST + 1];                    /* by opcode; [0] unused */
 } ems_srv_counters_t;
 
 typedef struct ems_srv_conn {
@@ -107,6 +110,11 @@ struct ems_server {
 /* One log line (no trailing newline needed). */
 void ems_srv_log(struct ems_server *server, const char *fmt, ...)
     __attribute__((format(printf, 2, 3)));
+
+/* Counts a connection given up on a failed receive or send with error `rc`: a timeout
+ * for -ETIMEDOUT, else a transport error. Counts nothing while the server stops, because
+ * stopping shuts the sockets down. */
+void ems_srv_count_io_error(struct ems_server *server, int rc);
 
 /* Appends stored keys of newly committed blocks to the announce queue. */
 void ems_srv_note_new_keys(struct ems_server *server, const uint8_t *keys, uint64_t n);

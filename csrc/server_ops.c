@@ -258,6 +258,8 @@ static int op_get(ems_srv_conn_t *conn, const ems_frame_t *req)
     COUNT(conn, get_hits, hits);
     COUNT(conn, get_misses, n - hits);
     COUNT(conn, bytes_out, sizeof header + off);
+    if (rc < 0)
+        ems_srv_count_io_error(conn->server, rc);
     if (rc < 0 && !atomic_load(&conn->server->stopping))
         /* The usual cause is a reader that stopped reading for io_timeout_ms. Its blocks
          * are already unpinned. */
@@ -300,6 +302,7 @@ static void abort_all(ems_pool_t *pool, ems_reservation_t *r, const int64_t *res
 /* Logs a PUT whose payload stopped arriving and returns -1, so the caller closes. */
 static int put_broke_off(ems_srv_conn_t *conn, int rc)
 {
+    ems_srv_count_io_error(conn->server, rc);
     ems_srv_log(conn->server, "PUT from %s broke off: %s; nothing of it was stored", conn->peer,
                 strerror(-rc));
     return -1;
@@ -613,7 +616,11 @@ static int op_local_attach(ems_srv_conn_t *conn, const ems_frame_t *req)
     cmsg->cmsg_len = CMSG_LEN(sizeof(int));
     memcpy(CMSG_DATA(cmsg), &pool->arena.fd, sizeof(int));
     ssize_t sent = sendmsg(conn->fd, &msg, MSG_NOSIGNAL);
-    return sent == (ssize_t)(sizeof header + sizeof size) ? 0 : -1;
+    if (sent == (ssize_t)(sizeof header + sizeof size))
+        return 0;
+    /* A short send leaves the frame cut, so the connection cannot go on. */
+    ems_srv_count_io_error(conn->server, sent < 0 ? -errno : -EPIPE);
+    return -1;
 }
 
 static void drop_pending(ems_srv_conn_t *conn)
@@ -723,6 +730,8 @@ int ems_srv_dispatch(ems_srv_conn_t *conn, const ems_frame_t *req)
     if (rc == -EBADMSG)
         return reject(conn, req, EMS_STATUS_BAD_REQUEST, "payload checksum mismatch");
     if (rc < 0) {
+        if (rc != -ENOMEM)
+            ems_srv_count_io_error(conn->server, rc);
         ems_srv_log(conn->server, "payload of opcode %u from %s did not arrive: %s; closing",
                     op, conn->peer, strerror(-rc));
         return -1;

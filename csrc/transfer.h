@@ -23,6 +23,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "latency.h"
 #include "pool.h"
 
 #define EMS_TENANT_MAX 64          /* bytes of a tenant name */
@@ -69,6 +70,13 @@ typedef struct ems_server_stats {
     uint64_t miss_calls;         /* calls of the miss handler */
     uint64_t miss_keys;          /* keys passed to it */
     uint64_t miss_found;         /* keys it reported found */
+    /* Error responses by status, which add up to `errors`. */
+    uint64_t err_bad_request, err_unauthenticated, err_unsupported_version, err_too_large;
+    uint64_t err_internal;
+    /* Connections closed because a frame stalled for io_timeout_ms (not idle ones), and
+     * connections that broke in the middle of a request (reset, cut frame, failed send).
+     * Neither is counted while the server stops. */
+    uint64_t err_timeout, err_transport;
 } ems_server_stats_t;
 
 /* Modes of a miss handler call. */
@@ -107,6 +115,12 @@ uint16_t ems_server_port(const ems_server_t *server);
 void ems_server_stop(ems_server_t *server);
 
 void ems_server_stats(ems_server_t *server, ems_server_stats_t *stats);
+
+/* Copies the latency histogram of the requests with `opcode` (an ems_opcode_t) into out.
+ * A request's duration runs from the moment its header was read to the moment its
+ * response was sent or the request failed, and every decoded request counts, whatever its
+ * status. Returns 0, or -EINVAL (out zeroed) for an opcode the protocol does not define. */
+int ems_server_latency(ems_server_t *server, uint16_t opcode, ems_latency_snapshot_t *out);
 
 /* Installs `fn` with its `ctx` as the miss handler, or removes the handler when fn is
  * NULL. Returns after every call of the handler it replaced has returned, so the caller

@@ -14,6 +14,35 @@ import threading
 from ems.errors import AuthenticationError, ProtocolVersionError, TransferError
 
 
+cdef extern from "frame.h":
+    ctypedef enum ems_opcode_t:
+        EMS_OP_PING
+        EMS_OP_HELLO
+        EMS_OP_AUTH
+        EMS_OP_GET
+        EMS_OP_PUT
+        EMS_OP_EXISTS
+        EMS_OP_MATCH_PREFIX
+        EMS_OP_DELETE
+        EMS_OP_DIR_REGISTER
+        EMS_OP_DIR_LOOKUP
+        EMS_OP_STATS
+        EMS_OP_LOCAL_ATTACH
+        EMS_OP_LOCAL_RESERVE
+        EMS_OP_LOCAL_COMMIT
+        EMS_OP_PROTECT
+        EMS_OP_PREFETCH
+        EMS_OP_LAST
+
+
+cdef extern from "latency.h":
+    enum: EMS_LATENCY_BOUNDS
+    ctypedef struct ems_latency_snapshot_t:
+        uint64_t counts[EMS_LATENCY_BOUNDS + 1]
+        uint64_t sum_ns
+    const uint64_t ems_latency_bounds_ns[EMS_LATENCY_BOUNDS]
+
+
 cdef extern from "transfer.h":
     ctypedef struct ems_server_t:
         pass
@@ -41,6 +70,9 @@ cdef extern from "transfer.h":
         uint64_t local_puts
         uint64_t dir_entries, dir_registered, dir_lookups, dir_hits, dir_evictions
         uint64_t miss_calls, miss_keys, miss_found
+        uint64_t err_bad_request, err_unauthenticated, err_unsupported_version, err_too_large
+        uint64_t err_internal
+        uint64_t err_timeout, err_transport
 
     ctypedef enum ems_miss_mode_t:
         EMS_MISS_LOAD
@@ -69,6 +101,8 @@ cdef extern from "transfer.h":
     uint16_t ems_server_port(const ems_server_t *server) nogil
     void ems_server_stop(ems_server_t *server) nogil
     void ems_server_stats(ems_server_t *server, ems_server_stats_t *stats) nogil
+    int ems_server_latency(ems_server_t *server, uint16_t opcode,
+                           ems_latency_snapshot_t *out) nogil
     void ems_server_set_miss_handler(ems_server_t *server, ems_miss_fn fn, void *ctx) nogil
     size_t ems_server_take_log(ems_server_t *server, char *buf, size_t len) nogil
     uint64_t ems_server_take_new_keys(ems_server_t *server, uint8_t *out, uint64_t max,
@@ -113,6 +147,20 @@ cdef extern from "transfer.h":
 
 
 ROLES = {"client": 0, "node": 1}
+
+# Opcode of each request kind of the protocol (docs/protocol.md), by the name the
+# metrics use as their `op` label.
+OPCODES = {"PING": EMS_OP_PING, "HELLO": EMS_OP_HELLO, "AUTH": EMS_OP_AUTH,
+           "GET": EMS_OP_GET, "PUT": EMS_OP_PUT, "EXISTS": EMS_OP_EXISTS,
+           "MATCH_PREFIX": EMS_OP_MATCH_PREFIX, "DELETE": EMS_OP_DELETE,
+           "DIR_REGISTER": EMS_OP_DIR_REGISTER, "DIR_LOOKUP": EMS_OP_DIR_LOOKUP,
+           "STATS": EMS_OP_STATS, "LOCAL_ATTACH": EMS_OP_LOCAL_ATTACH,
+           "LOCAL_RESERVE": EMS_OP_LOCAL_RESERVE, "LOCAL_COMMIT": EMS_OP_LOCAL_COMMIT,
+           "PROTECT": EMS_OP_PROTECT, "PREFETCH": EMS_OP_PREFETCH}
+OP_LAST = EMS_OP_LAST
+
+# Upper bounds of the request latency buckets (Server.latency), in seconds, ascending.
+LATENCY_BOUNDS_S = tuple(ems_latency_bounds_ns[i] / 1e9 for i in range(EMS_LATENCY_BOUNDS))
 HOLDER_NONE = 0xffffffff
 DEFAULT_MAX_PAYLOAD = 64 << 20
 
@@ -404,6 +452,27 @@ cdef class Server:
         cdef dict stats = s
         stats["miss_handler_failures"] = self._hook.failures
         return stats
+
+    def latency(self):
+        """Request durations per opcode since the server started: {op name: (counts,
+        sum in seconds)}, where counts[i] is the number of requests that took at most
+        LATENCY_BOUNDS_S[i] and more than the bound before it (not cumulative), and the
+        last count is the number above the largest bound. Every opcode of OPCODES is
+        present, with zero counts until a request of it arrives."""
+        cdef ems_latency_snapshot_t snap
+        cdef int i
+        # Through _enter: building the result runs Python code, during which another
+        # thread may call stop().
+        cdef ems_server_t *server = self._enter()
+        result = {}
+        try:
+            for name, opcode in OPCODES.items():
+                ems_server_latency(server, opcode, &snap)
+                result[name] = ([snap.counts[i] for i in range(EMS_LATENCY_BOUNDS + 1)],
+                                snap.sum_ns / 1e9)
+        finally:
+            self._leave()
+        return result
 
     def take_log(self):
         """Lines the server logged since the last call (errors it survived)."""

@@ -141,16 +141,18 @@ def test_activate_revoke_resume_arrears(zookeeper, service, run_dir, daemons, tm
     assert doc["cluster"] == cluster
     assert doc["credential"] is None
     metrics = http_get(daemon, "/metrics")
-    assert 'ems_activation_state{node="a",state="not_activated"} 1.0' in metrics
-    assert 'ems_activation_state{node="a",state="active"} 0.0' in metrics
-    assert 'ems_serving{node="a"} 0.0' in metrics
+    labels = f'cluster="{cluster}",node="a"'
+    assert f'ems_activation_state{{{labels},state="not_activated"}} 1.0' in metrics
+    assert f'ems_activation_state{{{labels},state="active"}} 0.0' in metrics
+    assert f'ems_serving{{{labels}}} 0.0' in metrics
     assert "node a: not serving: no credential" in daemon.log()
     keys, data = blocks("before")
     with ems.connect("local", socket_path=daemon.socket_path, secret=SECRET) as client:
         assert client.put_many(keys, data) == 0
         assert client.put(keys[0], data[0]) is False
         assert read(client, keys)[0] == [False] * len(keys)
-    assert 'ems_pool_suspended_drops_total{node="a"} 5.0' in http_get(daemon, "/metrics")
+    assert f'ems_pool_suspended_drops_total{{{labels},tier="dram"}} 5.0' \
+        in http_get(daemon, "/metrics")
 
     # `ems activate` with a good credential: the daemon serves.
     token = sign_credential(key, cluster)
@@ -166,7 +168,7 @@ def test_activate_revoke_resume_arrears(zookeeper, service, run_dir, daemons, tm
     assert doc["serving"] is True
     assert doc["credential"] == "cred-1"
     assert doc["account"] == ACCOUNT
-    assert 'ems_serving{node="a"} 1.0' in http_get(daemon, "/metrics")
+    assert f'ems_serving{{{labels}}} 1.0' in http_get(daemon, "/metrics")
     keys, data = blocks("stored")
     with ems.connect("local", socket_path=daemon.socket_path, secret=SECRET) as client:
         assert client.put_many(keys, data) == len(keys)

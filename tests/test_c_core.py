@@ -3,7 +3,7 @@
 Each test program is compiled together with every csrc/*.c file and run once per
 variant: plain, AddressSanitizer + UndefinedBehaviorSanitizer, and, for the
 multi-threaded stress programs, test_pool's multi-threaded spill ring test and
-test_pool_gate's suspension race, ThreadSanitizer. A program passes when it exits 0; its output is shown on failure. The
+test_pool_gate's suspension race and test_latency's concurrent recorders, ThreadSanitizer. A program passes when it exits 0; its output is shown on failure. The
 hugetlb tests change vm.nr_hugepages and so need root; they restore the old value
 afterwards.
 """
@@ -67,6 +67,9 @@ CASES = [
     ("test_frame", "asan", []),
     ("test_sha256", "plain", []),
     ("test_sha256", "asan", []),
+    ("test_latency", "plain", []),
+    ("test_latency", "asan", ["50000"]),
+    ("test_latency", "tsan", ["20000"]),
     ("test_transfer", "plain", ["50000"]),
     ("test_transfer", "asan", ["20000"]),
     ("test_transfer", "tsan", ["2500"]),

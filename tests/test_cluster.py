@@ -315,13 +315,21 @@ def http_get(port: int, path: str) -> tuple[int, str]:
         return response.status, response.read().decode()
 
 
+def series_labels(cluster, node_id: str) -> str:
+    """Return the cluster and node labels of a daemon's series. Static peers run in the
+    cluster named "default"."""
+    name = CLUSTER if cluster.kind == "zookeeper" else "default"
+    return f'cluster="{name}",node="{node_id}"'
+
+
 def test_metrics_endpoint_serves_prometheus_text(cluster):
     for node_id, daemon in cluster.daemons.items():
         status, text = http_get(daemon.metrics_port, "/metrics")
+        labels = series_labels(cluster, node_id)
         assert status == 200, node_id
-        assert f'ems_pool_capacity_bytes{{node="{node_id}",tier="dram"}} 6.7108864e+07' \
+        assert f'ems_pool_capacity_bytes{{{labels},tier="dram"}} 6.7108864e+07' \
             in text, node_id
-        assert f'ems_cluster_nodes{{node="{node_id}"}} 3.0' in text, node_id
+        assert f'ems_cluster_nodes{{{labels}}} 3.0' in text, node_id
 
 
 def test_activation_not_enforced_without_key(cluster):
@@ -335,7 +343,7 @@ def test_activation_not_enforced_without_key(cluster):
         assert document["enforced"] is False, node_id
         assert document["node_id"] == node_id
         _, metrics = http_get(daemon.metrics_port, "/metrics")
-        assert f'ems_serving{{node="{node_id}"}} 1.0' in metrics, node_id
+        assert f'ems_serving{{{series_labels(cluster, node_id)}}} 1.0' in metrics, node_id
         assert daemon.log().count("activation is not enforced") == 1, node_id
 
 

@@ -90,7 +90,7 @@ def test_spill_serve_and_survive_restart(run_dir, tmp_path):
             assert client.stats()["local_tier_hits"] > 0
             assert client.match_prefix([key(i) for i in range(N)]) == N
             text = metrics(a)
-            assert metric(text, "ems_tier_hits_total") > 0
+            assert metric(text, "ems_pool_hits_total") > 0
             assert metric(text, "ems_tier_promotions_total") > 0
             assert metric(text, "ems_pool_used_bytes") > 0
             assert metric(text, "ems_tier_checksum_failures_total") == 0
@@ -141,7 +141,7 @@ def test_two_daemons_share_one_spill_directory(run_dir, tmp_path):
         with local_client(b) as client:
             back = read_back(client, list(range(N)))
             assert len(back) >= N - 16 * 4, f"b read only {len(back)} of a's {N} blocks"
-            assert metric(metrics(b), "ems_tier_hits_total") > 0
+            assert metric(metrics(b), "ems_pool_hits_total") > 0
     finally:
         rig.stop(a)
         rig.stop(b)

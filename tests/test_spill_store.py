@@ -223,6 +223,8 @@ def test_quota_reclaims_oldest_segments(tmp_path, io_mode):
         assert found[0] is False
         assert found[-1] is True
         assert all(found[found.index(True):])
+        # Every block the quota took is counted as evicted, and no other.
+        assert store.stats()["evicted_blocks"] == found.index(True)
         for i in range(found.index(True), 200):
             assert bytes(buffers[i]) == payload(i, size)
     on_disk = sum(os.path.getsize(p) for p in segments(tmp_path))

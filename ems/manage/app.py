@@ -25,6 +25,7 @@ import ems
 from ems.manage import billing, signing
 from ems.manage.audit import AuditLog
 from ems.manage.nodes import node_view
+from ems.manage.metrics import UNMATCHED, ManageMetrics
 from ems.manage.service import (DEFAULT_CREDENTIAL_LIFETIME_S, Forbidden, Service, money,
                                 require_admin)
 from ems.manage.store import Conflict, NotFound
@@ -68,7 +69,10 @@ class CredentialIn(BaseModel):
 
 # ---- the app -----------------------------------------------------------------------------
 
-def create_app(service: Service, audit: AuditLog) -> FastAPI:
+def create_app(service: Service, audit: AuditLog,
+               metrics: ManageMetrics | None = None) -> FastAPI:
+    """Build the API. `metrics` receives each request's action, status and duration and
+    each authentication failure; None records nothing."""
     app = FastAPI(title="EMS management API", version=ems.__version__,
                   description="Accounts, clusters, activation credentials, metering and "
                               "billing of EMS. Requests are signed with HMAC-SHA256.",
@@ -83,7 +87,7 @@ def create_app(service: Service, audit: AuditLog) -> FastAPI:
             found = service.secret_of(key_id)
             if found is None:
                 raise signing.SignatureError(f"access key id {key_id[:40]!r} is unknown or "
-                                             f"revoked")
+                                             f"revoked", reason="unknown_key")
             account, secret = found
             signing.check_fresh(timestamp, now)
             raw_path = request.scope.get("raw_path") or request.url.path.encode()
@@ -93,8 +97,11 @@ def create_app(service: Service, audit: AuditLog) -> FastAPI:
                                           key_id)
             signing.check_signature(secret, text, given)
             if not service.store.use_nonce(key_id, nonce, int(now), signing.MAX_SKEW_S):
-                raise signing.SignatureError("replayed request: this nonce was used already")
+                raise signing.SignatureError("replayed request: this nonce was used already",
+                                             reason="replayed")
         except signing.SignatureError as exc:
+            if metrics is not None:
+                metrics.auth_failures.labels(reason=exc.reason).inc()
             raise HTTPException(401, str(exc),
                                 headers={"WWW-Authenticate": signing.ALGORITHM}) from None
         request.state.account = account
@@ -107,6 +114,7 @@ def create_app(service: Service, audit: AuditLog) -> FastAPI:
 
     @app.middleware("http")
     async def audit_calls(request: Request, call_next):
+        started = time.perf_counter()
         request.state.account = None
         request.state.key_id = None
         request.state.resource = None
@@ -121,7 +129,11 @@ def create_app(service: Service, audit: AuditLog) -> FastAPI:
         else:
             response = await call_next(request)
         route = request.scope.get("route")
-        action = getattr(route, "name", None) or f"{request.method} {request.url.path}"
+        name = getattr(route, "name", None)
+        if metrics is not None:
+            metrics.observe_request(name or UNMATCHED, response.status_code,
+                                    time.perf_counter() - started)
+        action = name or f"{request.method} {request.url.path}"
         if request.url.path.startswith("/v1/"):
             resource = request.state.resource or _path_resource(request)
             client = request.client.host if request.client else None

@@ -36,6 +36,12 @@ class Sampler:
         self.probe = probe or ZooKeeperProbe()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        # Counters for ems_manage_sampler_*: written by the thread that samples, read by
+        # scrapes.
+        self.passes = 0             # background passes finished, failed ones included
+        self.pass_failures = 0      # background passes that raised
+        self.samples_recorded = 0
+        self.probe_failures = 0     # clusters whose nodes could not be counted
 
     # ---- one pass ----------------------------------------------------------------------
 
@@ -56,19 +62,29 @@ class Sampler:
             if cluster["created"] > t or store.has_sample(cluster["id"], t):
                 continue
             try:
-                nodes = self.probe.count(cluster)
+                nodes = self._count(cluster)
             except Exception as exc:   # retried on the next pass within GRACE_S
                 log.warning("sample of %s of cluster %s (%s) failed: %s", _utc(t),
                             cluster["id"], cluster["name"], exc)
                 continue
             if store.record_sample(cluster["id"], t, nodes):
                 recorded[cluster["id"]] = nodes
+                self.samples_recorded += 1
                 if nodes and cluster["activated"] is None:
                     store.mark_activated(cluster["id"], t)
         if recorded:
             log.info("sample of %s: %s", _utc(t), ", ".join(f"cluster {cid} {n} nodes"
                                                           for cid, n in recorded.items()))
         return recorded
+
+    def _count(self, cluster: dict) -> int:
+        """Count the cluster's working nodes. A probe that raises is counted in
+        probe_failures and re-raised."""
+        try:
+            return self.probe.count(cluster)
+        except Exception:
+            self.probe_failures += 1
+            raise
 
     def publish_changed(self, now: int) -> None:
         for cluster in self.service.store.clusters():
@@ -93,7 +109,9 @@ class Sampler:
             try:
                 self.step()
             except Exception:   # one bad pass must not end metering
+                self.pass_failures += 1
                 log.exception("sampler pass failed")
+            self.passes += 1
             self._stop.wait(LOOP_S)
 
 

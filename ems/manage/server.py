@@ -8,19 +8,17 @@ import json
 import logging
 import os
 import threading
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import uvicorn
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from prometheus_client import CollectorRegistry, make_wsgi_app
-from prometheus_client.core import GaugeMetricFamily
 
 from ems.manage import sealing, tokens
 from ems.manage.app import create_app
 from ems.manage.audit import AuditLog
+from ems.manage.metrics import ManageMetrics, MetricsEndpoint
 from ems.manage.sampler import Sampler, ZooKeeperProbe
 from ems.manage.service import Service
 
@@ -105,9 +103,10 @@ class ManageServer:
                                         f"--dir {directory}` first")
         self.service = Service(directory, **({"clock": clock} if clock else {}))
         self.audit = AuditLog(os.path.join(directory, "audit.log"))
-        self.app = create_app(self.service, self.audit)
         self.service.probe = probe or ZooKeeperProbe()
         self.sampler = Sampler(self.service, self.service.probe) if sample else None
+        self.instruments = ManageMetrics(self.service, self.sampler)
+        self.app = create_app(self.service, self.audit, self.instruments)
         self.config = uvicorn.Config(
             # log_config=None: uvicorn's loggers propagate to the root handler that
             # ems.logs set up, so its lines take the service's text or JSON format.
@@ -118,7 +117,7 @@ class ManageServer:
         self.server = uvicorn.Server(self.config)
         self.metrics = None
         if metrics_port is not None:
-            self.metrics = _MetricsEndpoint(self.service, metrics_host, metrics_port)
+            self.metrics = MetricsEndpoint(self.instruments, metrics_host, metrics_port)
         self._thread: threading.Thread | None = None
 
     @property
@@ -152,53 +151,3 @@ class ManageServer:
             self.metrics.stop()
         self.audit.close()
         self.service.close()
-
-
-class _Collector:
-    """Account and cluster gauges read from the database at scrape time."""
-
-    def __init__(self, service: Service):
-        self.service = service
-
-    def collect(self):
-        store = self.service.store
-        arrears = GaugeMetricFamily("ems_manage_account_in_arrears",
-                                    "1 while the account's balance is below its bill due",
-                                    labels=["account"])
-        balance = GaugeMetricFamily("ems_manage_account_balance",
-                                    "Sum of the account's top-ups", labels=["account"])
-        due = GaugeMetricFamily("ems_manage_account_bill_due",
-                                "Sum of the account's metered charges", labels=["account"])
-        nodes = GaugeMetricFamily("ems_manage_cluster_nodes",
-                                  "Working nodes in the cluster's last sample",
-                                  labels=["account", "cluster"])
-        for account in store.accounts():
-            paid, charged = store.paid(account.id), store.charged(account.id)
-            arrears.add_metric([account.id], float(paid < charged))
-            balance.add_metric([account.id], float(paid))
-            due.add_metric([account.id], float(charged))
-            for cluster in store.clusters(account.id, live_only=True):
-                samples = store.samples(cluster["id"])
-                nodes.add_metric([account.id, cluster["id"]], samples[-1][1] if samples else 0)
-        yield from (arrears, balance, due, nodes)
-
-
-class _QuietHandler(WSGIRequestHandler):
-    def log_message(self, format, *args):
-        pass
-
-
-class _MetricsEndpoint:
-    def __init__(self, service: Service, host: str, port: int):
-        registry = CollectorRegistry()
-        registry.register(_Collector(service))
-        self.httpd = make_server(host, port, make_wsgi_app(registry), WSGIServer,
-                                 handler_class=_QuietHandler)
-        self.port = self.httpd.server_port
-        self.thread = threading.Thread(target=self.httpd.serve_forever, name="ems-manage-metrics",
-                                       daemon=True)
-        self.thread.start()
-
-    def stop(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()

@@ -63,7 +63,12 @@ def sign_headers(key_id: str, secret: str, method: str, path: str, query: str = 
 
 class SignatureError(Exception):
     """Raised for a request that does not authenticate. The message is the reason that the
-    401 response carries."""
+    401 response carries, and `reason` names its kind for metrics (missing_header,
+    malformed_header, unknown_key, stale, bad_signature or replayed)."""
+
+    def __init__(self, message: str, reason: str):
+        super().__init__(message)
+        self.reason = reason
 
 
 def check_headers(headers) -> tuple[str, int, str, str]:
@@ -74,17 +79,18 @@ def check_headers(headers) -> tuple[str, int, str, str]:
         value = headers.get(name)
         if not value:
             raise SignatureError(f"missing header {name}: every request must be signed "
-                                 f"(see docs/management.md, 'Signing requests')")
+                                 f"(see docs/management.md, 'Signing requests')",
+                                 reason="missing_header")
         values[name] = value
     try:
         timestamp = int(values[HEADER_TIMESTAMP])
     except ValueError:
         raise SignatureError(f"{HEADER_TIMESTAMP} {values[HEADER_TIMESTAMP][:32]!r} is not "
-                             f"Unix seconds") from None
+                             f"Unix seconds", reason="malformed_header") from None
     nonce = values[HEADER_NONCE]
     if not NONCE_PATTERN.fullmatch(nonce):
         raise SignatureError(f"{HEADER_NONCE} must be 16 to 64 characters from "
-                             f"A-Z a-z 0-9 _ -")
+                             f"A-Z a-z 0-9 _ -", reason="malformed_header")
     return values[HEADER_KEY_ID], timestamp, nonce, values[HEADER_SIGNATURE]
 
 
@@ -93,10 +99,11 @@ def check_fresh(timestamp: int, now: float) -> None:
     if abs(skew) > MAX_SKEW_S:
         raise SignatureError(f"stale request: its timestamp is {abs(skew):.0f} s "
                              f"{'ahead of' if skew > 0 else 'behind'} the service clock "
-                             f"(limit {MAX_SKEW_S} s); check the client's clock")
+                             f"(limit {MAX_SKEW_S} s); check the client's clock",
+                             reason="stale")
 
 
 def check_signature(secret: str, text: str, given: str) -> None:
     if not hmac.compare_digest(signature(secret, text), given.lower()):
         raise SignatureError("signature does not match: wrong secret key, or the request was "
-                             "changed after signing")
+                             "changed after signing", reason="bad_signature")

@@ -123,7 +123,8 @@ class SpillStore:
         self._logged_segments: set[str] = set()
         self._counters = dict(hits=0, misses=0, checksum_failures=0, io_errors=0, spills=0,
                               spill_failures=0, enospc=0, reclaimed_segments=0,
-                              deleted_blocks=0, compacted_segments=0, compacted_blocks=0)
+                              evicted_blocks=0, deleted_blocks=0, compacted_segments=0,
+                              compacted_blocks=0)
         self._closed = False
         with self._lock:
             self._remove_dead_temps()
@@ -715,7 +716,7 @@ class SpillStore:
     def _reclaim(self, seg: _Segment):
         self._delete_file(seg)
         self._counters["reclaimed_segments"] += 1
-        self._forget(seg)
+        self._counters["evicted_blocks"] += self._forget(seg)
 
     def _delete_file(self, seg: _Segment):
         try:
@@ -733,15 +734,19 @@ class SpillStore:
             log.warning("cannot delete unpublished spill segment %s: %s", seg.path, error)
         self._forget(seg)
 
-    def _forget(self, seg: _Segment):
-        """Remove a segment and the index entries that point into it."""
+    def _forget(self, seg: _Segment) -> int:
+        """Remove a segment and the index entries that point into it, and return how many
+        entries were removed."""
         _close_fd(seg)
         self._segments.pop(seg.name, None)
+        removed = 0
         for key in seg.keys:
             if self._index.get(key, (None,))[0] == seg.name:
                 del self._index[key]
+                removed += 1
         seg.keys = []
         seg.live = 0
+        return removed
 
     def _remove_dead_temps(self):
         """Delete temporary segments left by crashed writers on this host.

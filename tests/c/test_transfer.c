@@ -402,6 +402,9 @@ static void test_auth_rejects_bad_secret(void)
     ems_server_stats_t stats;
     ems_server_stats(f.server, &stats);
     CHECK_EQ(stats.auth_failures, 1);
+    CHECK_EQ(stats.err_unauthenticated, 1);   /* the refusal is an error response */
+    CHECK_EQ(stats.errors, 1);
+    CHECK_EQ(stats.err_bad_request, 0);
     char log[4096];
     size_t log_len = ems_server_take_log(f.server, log, sizeof log - 1);
     log[log_len] = 0;
@@ -413,6 +416,7 @@ static void test_auth_rejects_bad_secret(void)
     CHECK_EQ(ems_conn_open(&config, &conn, error, sizeof error), -EACCES);
     ems_server_stats(f.server, &stats);
     CHECK_EQ(stats.auth_failures, 2);
+    CHECK_EQ(stats.err_unauthenticated, 2);
 
     /* Without a secret the client gives up after HELLO and sends no proof, so the server
      * counts no failure. */
@@ -613,6 +617,7 @@ typedef struct worker {
     uint64_t seed;
     pthread_t thread;
     uint64_t gets, get_hits, puts, put_stored, deletes;
+    uint64_t calls[EMS_OP_LAST + 1];   /* requests sent, by opcode */
 } worker_t;
 
 /* Sizes in four slab classes, varied so that lengths differ within a class. */
@@ -665,6 +670,7 @@ static void *worker_main(void *arg)
                 srcs[i] = race->payload[ids[i]];
             CHECK_EQ(ems_conn_put_many(conn, keys, n, srcs, lengths, results, CALL_TIMEOUT_MS),
                      0);
+            w->calls[EMS_OP_PUT]++;
             for (uint64_t i = 0; i < n; i++) {
                 CHECK(results[i] == 0 || results[i] == 1);
                 if (ids[i] < NSTABLE)
@@ -680,6 +686,7 @@ static void *worker_main(void *arg)
             }
             CHECK_EQ(ems_conn_get_many(conn, keys, n, dsts, lengths, results, CALL_TIMEOUT_MS),
                      0);
+            w->calls[EMS_OP_GET]++;
             for (uint64_t i = 0; i < n; i++) {
                 if (results[i] == -ENOENT) {
                     CHECK(!known[i]);
@@ -692,6 +699,7 @@ static void *worker_main(void *arg)
         } else if (kind < 8) {
             uint8_t present[MAX_BATCH];
             CHECK_EQ(ems_conn_exists_many(conn, keys, n, present, CALL_TIMEOUT_MS), 0);
+            w->calls[EMS_OP_EXISTS]++;
             for (uint64_t i = 0; i < n; i++) {
                 CHECK(present[i] <= 1);
                 CHECK(present[i] || !known[i]);
@@ -706,12 +714,14 @@ static void *worker_main(void *arg)
             if (m == 0)
                 continue;
             CHECK_EQ(ems_conn_delete_many(conn, churn, m, results, CALL_TIMEOUT_MS), 0);
+            w->calls[EMS_OP_DELETE]++;
             for (uint64_t i = 0; i < m; i++)
                 CHECK(results[i] == 0 || results[i] == -ENOENT);
             w->deletes += m;
         } else {
             uint32_t holders[MAX_BATCH];
             CHECK_EQ(ems_conn_dir_lookup(conn, keys, n, holders, CALL_TIMEOUT_MS), 0);
+            w->calls[EMS_OP_DIR_LOOKUP]++;
             for (uint64_t i = 0; i < n; i++)
                 CHECK(holders[i] == EMS_HOLDER_NONE || holders[i] == MONITOR_HOLDER);
         }
@@ -844,6 +854,30 @@ static void test_concurrent_clients(long ops)
     CHECK_EQ(stats.errors, 0);
     CHECK(get_hits > 0);
     CHECK(put_stored >= NSTABLE / 2);
+
+    /* Each request was timed once, under its own opcode: every worker connected once
+     * (HELLO, AUTH), and the histograms count exactly the calls the workers made. */
+    for (uint16_t op = EMS_OP_PING; op <= EMS_OP_LAST; op++) {
+        uint64_t calls = 0;
+        for (int i = 0; i < NWORKERS; i++)
+            calls += workers[i].calls[op];
+        if (op == EMS_OP_HELLO || op == EMS_OP_AUTH)
+            calls = NWORKERS;
+        ems_latency_snapshot_t latency;
+        CHECK_EQ(ems_server_latency(f.server, op, &latency), 0);
+        uint64_t timed = 0;
+        for (int b = 0; b <= EMS_LATENCY_BOUNDS; b++)
+            timed += latency.counts[b];
+        if (timed != calls)
+            fprintf(stderr, "opcode %u: %llu requests timed, %llu sent\n", op,
+                    (unsigned long long)timed, (unsigned long long)calls);
+        CHECK_EQ(timed, calls);
+        CHECK(calls == 0 || latency.sum_ns > 0);
+    }
+    ems_latency_snapshot_t none;
+    CHECK_EQ(ems_server_latency(f.server, 0, &none), -EINVAL);
+    CHECK_EQ(ems_server_latency(f.server, EMS_OP_LAST + 1, &none), -EINVAL);
+    CHECK_EQ(none.sum_ns, 0);
 
     /* The "must hit" rule above holds only because nothing was evicted. */
     ems_pool_stats_t pool_stats;
