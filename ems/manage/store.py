@@ -342,9 +342,15 @@ class _Transaction:
 
     def __enter__(self):
         self.store._lock.acquire()
-        self.nested = self.store._db.in_transaction
-        if not self.nested:
-            self.store._db.execute("BEGIN IMMEDIATE")
+        try:
+            self.nested = self.store._db.in_transaction
+            if not self.nested:
+                self.store._db.execute("BEGIN IMMEDIATE")
+        except BaseException:
+            # BEGIN fails when another process keeps the write lock past the busy
+            # timeout. The lock must not stay taken, or every later call would wait forever.
+            self.store._lock.release()
+            raise
         return self
 
     def __exit__(self, kind, value, traceback):
