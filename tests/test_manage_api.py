@@ -97,6 +97,21 @@ def test_stale_timestamp_rejected(rig, acme, offset):
     assert "stale request" in reason
 
 
+@pytest.mark.parametrize("header,value,words", [
+    (signing.HEADER_TIMESTAMP, "1" + "0" * 400, "is not Unix seconds"),
+    (signing.HEADER_TIMESTAMP, "-5", "is not Unix seconds"),
+    (signing.HEADER_SIGNATURE, "\xe9" * 64, "64 hexadecimal digits"),
+    (signing.HEADER_SIGNATURE, "abc", "64 hexadecimal digits"),
+], ids=["huge-timestamp", "negative-timestamp", "latin-1-signature", "short-signature"])
+def test_malformed_header_rejected(rig, acme, header, value, words):
+    client, _ = acme
+    headers = signing.sign_headers(client.key_id, client.secret, "GET", "/v1/account")
+    headers[header] = value
+    status, data = client.raw("GET", "/v1/account", sign=False, headers=headers)
+    assert status == 401, data[:200]
+    assert words in json.loads(data)["reason"]
+
+
 def test_replayed_nonce_rejected(rig, acme):
     client, _ = acme
     headers = signing.sign_headers(client.key_id, client.secret, "GET", "/v1/account")

@@ -33,6 +33,10 @@ HEADER_TIMESTAMP = "X-EMS-Timestamp"
 HEADER_NONCE = "X-EMS-Nonce"
 HEADER_SIGNATURE = "X-EMS-Signature"
 NONCE_PATTERN = re.compile(r"[A-Za-z0-9_-]{16,64}")
+# ASCII digits only, because int() also accepts signs, spaces, underscores and digits of
+# other scripts, and a 400-digit number overflows the float arithmetic of check_fresh.
+TIMESTAMP_PATTERN = re.compile(r"[0-9]{1,15}")
+SIGNATURE_PATTERN = re.compile(r"[0-9A-Fa-f]{64}")
 
 
 def canonical_query(query: str) -> str:
@@ -76,16 +80,17 @@ def check_headers(headers) -> tuple[str, int, str, str]:
             raise SignatureError(f"missing header {name}: every request must be signed "
                                  f"(see docs/management.md, 'Signing requests')")
         values[name] = value
-    try:
-        timestamp = int(values[HEADER_TIMESTAMP])
-    except ValueError:
+    if not TIMESTAMP_PATTERN.fullmatch(values[HEADER_TIMESTAMP]):
         raise SignatureError(f"{HEADER_TIMESTAMP} {values[HEADER_TIMESTAMP][:32]!r} is not "
-                             f"Unix seconds") from None
+                             f"Unix seconds (1 to 15 decimal digits)")
     nonce = values[HEADER_NONCE]
     if not NONCE_PATTERN.fullmatch(nonce):
         raise SignatureError(f"{HEADER_NONCE} must be 16 to 64 characters from "
                              f"A-Z a-z 0-9 _ -")
-    return values[HEADER_KEY_ID], timestamp, nonce, values[HEADER_SIGNATURE]
+    if not SIGNATURE_PATTERN.fullmatch(values[HEADER_SIGNATURE]):
+        raise SignatureError(f"{HEADER_SIGNATURE} must be 64 hexadecimal digits (the "
+                             f"HMAC-SHA256 of the string to sign)")
+    return values[HEADER_KEY_ID], int(values[HEADER_TIMESTAMP]), nonce, values[HEADER_SIGNATURE]
 
 
 def check_fresh(timestamp: int, now: float) -> None:
