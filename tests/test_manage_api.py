@@ -306,6 +306,26 @@ def test_audit_log_has_one_line_per_call(rig, acme, zookeeper):
     assert all(line["time"].endswith("Z") for line in lines)
 
 
+def test_internal_error_is_audited(rig, acme):
+    client, created = acme
+    rig.server.service.store._db.execute("PRAGMA busy_timeout = 200")
+    other = sqlite3.connect(f"{rig.directory}/state.db", isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")   # the write lock taken, as by another process
+    try:
+        status, data = client.raw("GET", "/v1/account")
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    assert status == 500
+    assert json.loads(data)["error"] == "internal_error"
+    with open(f"{rig.directory}/audit.log") as f:
+        last = json.loads(f.readlines()[-1])
+    assert last["result"] == 500
+    assert last["action"] == "account.get"
+    assert last["key_id"] == client.key_id
+    assert client.call("GET", "/v1/account")["id"] == created["id"]
+
+
 def test_openapi_schema_published(rig):
     status, data = rig.admin.raw("GET", "/openapi.json", sign=False)
     assert status == 200

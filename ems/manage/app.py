@@ -119,7 +119,15 @@ def create_app(service: Service, audit: AuditLog) -> FastAPI:
             response = error(request, 411, "length_required",
                              "send the body with a Content-Length header, not chunked")
         else:
-            response = await call_next(request)
+            try:
+                response = await call_next(request)
+            except Exception:   # an unexpected error still gets a JSON reply and an audit line
+                log.exception("%s %s failed (account %s, key %s)", request.method,
+                              request.url.path, request.state.account, request.state.key_id,
+                              extra={"account": request.state.account,
+                                     "key": request.state.key_id})
+                response = error(request, 500, "internal_error", "internal error of the "
+                                 "management service; its log has the details")
         route = request.scope.get("route")
         action = getattr(route, "name", None) or f"{request.method} {request.url.path}"
         if request.url.path.startswith("/v1/"):
