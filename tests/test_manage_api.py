@@ -3,6 +3,7 @@ between accounts, admin calls, bad input, secrets at rest, the audit log and the
 
 Clusters point at a real ZooKeeper, so revocations write real standing notices.
 """
+import http.client
 import json
 import sqlite3
 import time
@@ -121,6 +122,34 @@ def test_replayed_nonce_rejected(rig, acme):
     assert first == 200
     assert second == 401
     assert "replayed" in reason
+
+
+def send_bytes(client, method, path, body: bytes, headers: dict):
+    conn = http.client.HTTPSConnection(client.host, client.port, context=client.context)
+    try:
+        conn.request(method, path, body=body, headers=dict(headers,
+                                                           **{"Content-Type": "application/json"}))
+        response = conn.getresponse()
+        return response.status, json.loads(response.read())
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("body", [b"{not json", b"[" * 20000 + b"]" * 20000],
+                         ids=["malformed", "deeply-nested"])
+def test_unsigned_bad_body_rejected(rig, acme, body):
+    client, created = acme
+    status, reply = send_bytes(client, "POST", "/v1/clusters", body, {})
+    assert status == 401
+    assert "missing header" in reply["reason"]
+    headers = signing.sign_headers(client.key_id, client.secret, "POST", "/v1/clusters",
+                                   body=body)
+    status, reply = send_bytes(client, "POST", "/v1/clusters", body, headers)
+    assert status in (400, 422)
+    with open(f"{rig.directory}/audit.log") as f:
+        last = json.loads(f.readlines()[-1])
+    assert last["account"] == created["id"]
+    assert last["result"] == status
 
 
 def test_unknown_and_revoked_keys_rejected(rig, acme):
