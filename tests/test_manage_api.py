@@ -87,6 +87,16 @@ def test_request_changed_after_signing_rejected(rig, acme):
     assert client.call("GET", "/v1/clusters")["clusters"] == []
 
 
+def test_repeated_query_parameter_rejected(rig, acme):
+    client, _ = acme
+    signed = "month=2026-01&month=2026-02"
+    headers = signing.sign_headers(client.key_id, client.secret, "GET", "/v1/bill", signed)
+    status, data = send_bytes(client, "GET", "/v1/bill?month=2026-02&month=2026-01", b"",
+                              headers)
+    assert status == 400
+    assert "'month' appears more than once" in data["reason"]
+
+
 @pytest.mark.parametrize("offset", [-301, 400])
 def test_stale_timestamp_rejected(rig, acme, offset):
     client, _ = acme

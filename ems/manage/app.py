@@ -99,6 +99,7 @@ def create_app(service: Service, audit: AuditLog) -> FastAPI:
             raise HTTPException(401, str(exc),
                                 headers={"WWW-Authenticate": signing.ALGORITHM}) from None
         request.state.account = account
+        signing.check_query(request.url.query)
         return Caller(account, key_id)
 
     def error(request: Request, status: int, kind: str, reason: str, headers=None):

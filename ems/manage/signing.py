@@ -45,6 +45,18 @@ def canonical_query(query: str) -> str:
                     for name, value in pairs)
 
 
+def check_query(query: str) -> None:
+    """Raise ValueError for a query that names a parameter twice. The canonical query sorts
+    repeated values, so the signature does not fix their order, and the API reads the last
+    one: reordering them would change the request without changing its signature."""
+    seen = set()
+    for name, _ in parse_qsl(query, keep_blank_values=True):
+        if name in seen:
+            raise ValueError(f"query parameter {name[:40]!r} appears more than once; send "
+                             f"each parameter once")
+        seen.add(name)
+
+
 def string_to_sign(method: str, path: str, query: str, body: bytes, timestamp: str,
                    nonce: str, key_id: str) -> str:
     return "\n".join([ALGORITHM, method.upper(), path, canonical_query(query),
