@@ -262,6 +262,43 @@ def test_revocation_writes_a_signed_standing_notice(rig, acme, zookeeper):
     assert not standing.arrears
 
 
+def read_notice(rig, zookeeper, cluster: str) -> tokens.Standing:
+    zk = zkstate.connect(zookeeper.hosts)
+    try:
+        token = zkstate.read(zk, zkstate.standing_path(cluster))
+    finally:
+        zk.stop()
+        zk.close()
+    public_key = tokens.load_public_key(f"{rig.directory}/signing.pub")
+    return tokens.verify_standing(public_key, token, cluster=cluster)
+
+
+class FrozenClock:
+    def __init__(self):
+        self.now = time.time()
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_notices_in_one_millisecond_ordered(tmp_path, zookeeper):
+    rig = manage_rig.start(str(tmp_path / "manage"), clock=FrozenClock())
+    try:
+        client, _ = rig.new_account("acme")
+        cluster = client.call("POST", "/v1/clusters", {"name": "same-ms",
+                                                       "zookeeper": zookeeper.hosts})
+        first = client.call("POST", "/v1/credentials", {"cluster": cluster["id"]})
+        second = client.call("POST", "/v1/credentials", {"cluster": cluster["id"]})
+        client.call("DELETE", f"/v1/credentials/{first['id']}")
+        earlier = read_notice(rig, zookeeper, "same-ms")
+        client.call("DELETE", f"/v1/credentials/{second['id']}")
+        later = read_notice(rig, zookeeper, "same-ms")
+    finally:
+        rig.stop()
+    assert later.revoked == {first["id"], second["id"]}
+    assert later.issued > earlier.issued   # daemons drop a notice that is not newer
+
+
 def test_revocation_with_zookeeper_down_says_pending(rig, acme):
     client, _ = acme
     import zookeeper_server

@@ -12,6 +12,7 @@ Files in the service directory (`ems manage init` creates them):
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import threading
@@ -57,7 +58,8 @@ class Service:
         # missing here (new, or a write failed) are written on the next sampler pass.
         self._published: dict[str, tuple] = {}
         self._retry_at: dict[str, float] = {}   # cluster id -> clock time of the next try
-        self._publish_lock = threading.Lock()
+        self._last_issued = 0                    # Unix ms of the newest notice signed
+        self._publish_lock = threading.Lock()   # guards the three fields above
         self.probe = None   # reads clusters' ZooKeeper and nodes; set by ManageServer
 
     def now(self) -> int:
@@ -164,25 +166,40 @@ class Service:
     # ---- standing notices --------------------------------------------------------------
 
     def standing_of(self, cluster: dict) -> tokens.Standing:
-        return tokens.Standing(account=cluster["account"], cluster=cluster["name"],
-                               issued=int(self.clock() * 1000),
+        """Return the cluster's standing now, with `issued` 0 until publish_standing signs it."""
+        return tokens.Standing(account=cluster["account"], cluster=cluster["name"], issued=0,
                                revoked=frozenset(self.store.revoked_credentials(cluster["id"])),
                                arrears=self.in_arrears(cluster["account"]),
                                deleted=cluster["deleted"] is not None)
+
+    def _next_issued(self) -> int:
+        """Return the Unix ms time for a new notice, later than every notice signed before.
+        A daemon applies a notice only when it is newer than the one it holds, so two
+        notices signed in the same millisecond must not share a time. Call it under
+        _publish_lock.
+        NOTE: only this process's notices are ordered. A service restarted with its clock
+        set back signs notices that daemons ignore until the clock passes the old ones."""
+        self._last_issued = max(int(self.clock() * 1000), self._last_issued + 1)
+        return self._last_issued
 
     def publish_standing(self, cluster: dict, force: bool = True) -> str:
         """Write the cluster's standing notice to its ZooKeeper. Without force, only when it
         differs from what was last written, and not within PUBLISH_RETRY_S of a failed
         write. Returns "published", "unchanged", or why it was not written (the sampler
         retries)."""
-        standing = self.standing_of(cluster)
-        content = (standing.revoked, standing.arrears, standing.deleted)
         with self._publish_lock:
+            # Read the state under the lock, so that of two concurrent calls the one that
+            # writes last also read last and signs the later time. The row is read again
+            # because the caller's copy (the sampler's listing) may predate a deletion.
+            cluster = self.store.cluster(None, cluster["id"])
+            standing = self.standing_of(cluster)
+            content = (standing.revoked, standing.arrears, standing.deleted)
             if not force and self._published.get(cluster["id"]) == content:
                 return "unchanged"
             if not force and self.clock() < self._retry_at.get(cluster["id"], 0.0):
                 return "pending: waiting to retry ZooKeeper"
             self._published.pop(cluster["id"], None)
+            standing = dataclasses.replace(standing, issued=self._next_issued())
             try:
                 zkstate.publish(cluster["zookeeper"], zkstate.standing_path(cluster["name"]),
                                 tokens.sign_standing(self.signing_key, standing),
