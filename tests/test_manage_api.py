@@ -299,6 +299,28 @@ def test_notices_in_one_millisecond_ordered(tmp_path, zookeeper):
     assert later.issued > earlier.issued   # daemons drop a notice that is not newer
 
 
+def test_deleted_cluster_spares_successor_notice(rig, acme, zookeeper):
+    client, _ = acme
+    body = {"name": "reused", "zookeeper": zookeeper.hosts}
+    old = client.call("POST", "/v1/clusters", body)
+    old_credential = client.call("POST", "/v1/credentials", {"cluster": old["id"]})
+    client.call("DELETE", f"/v1/clusters/{old['id']}")
+    assert read_notice(rig, zookeeper, "reused").deleted
+    new = client.call("POST", "/v1/clusters", body)
+    spare = client.call("POST", "/v1/credentials", {"cluster": new["id"]})
+    assert client.call("DELETE", f"/v1/credentials/{spare['id']}")["notice"] == "published"
+    assert not read_notice(rig, zookeeper, "reused").deleted
+
+    # Calls on the deleted cluster must not write its notice over the new cluster's.
+    client.call("DELETE", f"/v1/clusters/{old['id']}")
+    assert not read_notice(rig, zookeeper, "reused").deleted
+    reply = client.call("DELETE", f"/v1/credentials/{old_credential['id']}")
+    assert reply["notice"].startswith("not written")
+    notice = read_notice(rig, zookeeper, "reused")
+    assert not notice.deleted
+    assert spare["id"] in notice.revoked
+
+
 def test_revocation_with_zookeeper_down_says_pending(rig, acme):
     client, _ = acme
     import zookeeper_server

@@ -186,12 +186,18 @@ class Service:
         """Write the cluster's standing notice to its ZooKeeper. Without force, only when it
         differs from what was last written, and not within PUBLISH_RETRY_S of a failed
         write. Returns "published", "unchanged", or why it was not written (the sampler
-        retries)."""
+        retries a notice that is pending)."""
         with self._publish_lock:
             # Read the state under the lock, so that of two concurrent calls the one that
             # writes last also read last and signs the later time. The row is read again
             # because the caller's copy (the sampler's listing) may predate a deletion.
             cluster = self.store.cluster(None, cluster["id"])
+            if cluster["deleted"] is not None and \
+                    self.store.live_cluster(cluster["zookeeper"], cluster["name"]):
+                # A newer cluster of this name and ZooKeeper owns the standing znode now.
+                # This notice would replace that cluster's notice and stop its daemons.
+                return ("not written: a newer cluster of this name on this ZooKeeper uses "
+                        "the standing notice")
             standing = self.standing_of(cluster)
             content = (standing.revoked, standing.arrears, standing.deleted)
             if not force and self._published.get(cluster["id"]) == content:

@@ -207,6 +207,14 @@ class Store:
         with self._lock:
             return [dict(row) for row in self._all(sql + " ORDER BY created, id", *args)]
 
+    def live_cluster(self, zookeeper: str, name: str) -> dict | None:
+        """Return the live cluster named `name` on `zookeeper`, of any account, or None. The
+        index live_cluster_names allows at most one."""
+        with self._lock:
+            row = self._one("SELECT * FROM clusters WHERE zookeeper = ? AND name = ? AND "
+                            "deleted IS NULL", zookeeper, name)
+        return dict(row) if row is not None else None
+
     def delete_cluster(self, account_id: str, cluster_id: str, now: int) -> dict:
         with self._tx():
             self.cluster(account_id, cluster_id)
