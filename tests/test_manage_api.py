@@ -321,6 +321,27 @@ def test_deleted_cluster_spares_successor_notice(rig, acme, zookeeper):
     assert spare["id"] in notice.revoked
 
 
+def test_recreated_cluster_keeps_credentials_dead(rig, acme, zookeeper):
+    client, _ = acme
+    body = {"name": "recreated", "zookeeper": zookeeper.hosts}
+    old = client.call("POST", "/v1/clusters", body)
+    revoked = client.call("POST", "/v1/credentials", {"cluster": old["id"]})
+    unrevoked = client.call("POST", "/v1/credentials", {"cluster": old["id"]})
+    client.call("DELETE", f"/v1/credentials/{revoked['id']}")
+    client.call("DELETE", f"/v1/clusters/{old['id']}")
+
+    new = client.call("POST", "/v1/clusters", body)
+    live = client.call("POST", "/v1/credentials", {"cluster": new["id"]})
+    spare = client.call("POST", "/v1/credentials", {"cluster": new["id"]})
+    client.call("DELETE", f"/v1/credentials/{spare['id']}")   # writes the new notice
+    notice = read_notice(rig, zookeeper, "recreated")
+    assert not notice.deleted
+    assert revoked["id"] in notice.revoked     # its revocation must outlive the cluster
+    assert unrevoked["id"] in notice.revoked   # it activated the deleted cluster only
+    assert spare["id"] in notice.revoked
+    assert live["id"] not in notice.revoked
+
+
 def test_revocation_with_zookeeper_down_says_pending(rig, acme):
     client, _ = acme
     import zookeeper_server

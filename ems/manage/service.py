@@ -168,7 +168,8 @@ class Service:
     def standing_of(self, cluster: dict) -> tokens.Standing:
         """Return the cluster's standing now, with `issued` 0 until publish_standing signs it."""
         return tokens.Standing(account=cluster["account"], cluster=cluster["name"], issued=0,
-                               revoked=frozenset(self.store.revoked_credentials(cluster["id"])),
+                               revoked=frozenset(self.store.dead_credentials(
+                                   cluster["account"], cluster["name"])),
                                arrears=self.in_arrears(cluster["account"]),
                                deleted=cluster["deleted"] is not None)
 
