@@ -342,6 +342,44 @@ def test_recreated_cluster_keeps_credentials_dead(rig, acme, zookeeper):
     assert live["id"] not in notice.revoked
 
 
+def test_expired_credentials_leave_the_notice(tmp_path, zookeeper):
+    clock = FrozenClock()
+    rig = manage_rig.start(str(tmp_path / "manage"), clock=clock)
+    try:
+        client, _ = rig.new_account("acme")
+        cluster = client.call("POST", "/v1/clusters", {"name": "expiring",
+                                                       "zookeeper": zookeeper.hosts})
+        short = client.call("POST", "/v1/credentials", {"cluster": cluster["id"],
+                                                        "lifetime_s": 60})
+        client.call("DELETE", f"/v1/credentials/{short['id']}")
+        assert read_notice(rig, zookeeper, "expiring").revoked == {short["id"]}
+
+        # A day past its expiry daemons reject it anyway. Signed calls would now be stale,
+        # so the service publishes directly.
+        clock.now += 60 + 86400 + 1
+        service = rig.server.service
+        assert service.publish_standing(service.store.cluster(None, cluster["id"])) == \
+            "published"
+        assert read_notice(rig, zookeeper, "expiring").revoked == set()
+    finally:
+        rig.stop()
+
+
+def test_oversized_notice_not_written(rig, acme, zookeeper, monkeypatch):
+    client, _ = acme
+    cluster = client.call("POST", "/v1/clusters", {"name": "oversized",
+                                                   "zookeeper": zookeeper.hosts})
+    first = client.call("POST", "/v1/credentials", {"cluster": cluster["id"]})
+    second = client.call("POST", "/v1/credentials", {"cluster": cluster["id"]})
+    client.call("DELETE", f"/v1/credentials/{first['id']}")
+    monkeypatch.setattr(tokens, "MAX_STANDING_CHARS", 100)   # below any signed notice
+    reply = client.call("DELETE", f"/v1/credentials/{second['id']}")
+    assert reply["notice"].startswith("pending")
+    assert "above the 100 that daemons accept" in reply["notice"]
+    monkeypatch.undo()
+    assert read_notice(rig, zookeeper, "oversized").revoked == {first["id"]}
+
+
 def test_revocation_with_zookeeper_down_says_pending(rig, acme):
     client, _ = acme
     import zookeeper_server

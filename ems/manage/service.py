@@ -29,6 +29,9 @@ MAX_CREDENTIAL_LIFETIME_S = 3 * 366 * 86400
 DEFAULT_CREDENTIAL_LIFETIME_S = 365 * 86400
 PUBLISH_TIMEOUT_S = 3.0   # an API call waits this long for an unreachable ZooKeeper
 PUBLISH_RETRY_S = 60.0    # the sampler retries a failed notice after this long
+# A dead credential leaves the standing notice this long after it expires: daemons reject
+# it by its expiry by then, unless their clock is more than this far behind.
+EXPIRED_LISTED_S = 86400
 
 
 def money(value) -> str:
@@ -169,7 +172,8 @@ class Service:
         """Return the cluster's standing now, with `issued` 0 until publish_standing signs it."""
         return tokens.Standing(account=cluster["account"], cluster=cluster["name"], issued=0,
                                revoked=frozenset(self.store.dead_credentials(
-                                   cluster["account"], cluster["name"])),
+                                   cluster["account"], cluster["name"],
+                                   self.now() - EXPIRED_LISTED_S)),
                                arrears=self.in_arrears(cluster["account"]),
                                deleted=cluster["deleted"] is not None)
 
@@ -207,10 +211,13 @@ class Service:
                 return "pending: waiting to retry ZooKeeper"
             self._published.pop(cluster["id"], None)
             standing = dataclasses.replace(standing, issued=self._next_issued())
+            token = tokens.sign_standing(self.signing_key, standing)
             try:
+                if len(token) > tokens.MAX_STANDING_CHARS:
+                    raise ValueError(f"the notice is {len(token)} characters long, above "
+                                     f"the {tokens.MAX_STANDING_CHARS} that daemons accept")
                 zkstate.publish(cluster["zookeeper"], zkstate.standing_path(cluster["name"]),
-                                tokens.sign_standing(self.signing_key, standing),
-                                timeout=PUBLISH_TIMEOUT_S)
+                                token, timeout=PUBLISH_TIMEOUT_S)
             except Exception as exc:   # ZooKeeper down or unreachable: retried later
                 self._retry_at[cluster["id"]] = self.clock() + PUBLISH_RETRY_S
                 log.warning("standing notice of cluster %s (%s) not written to ZooKeeper %s: "

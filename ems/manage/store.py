@@ -261,17 +261,19 @@ class Store:
                              "WHERE id = ?", (now, credential_id))
         return self.credential(account_id, credential_id)
 
-    def dead_credentials(self, account_id: str, cluster_name: str) -> list[str]:
+    def dead_credentials(self, account_id: str, cluster_name: str,
+                         expires_after: int) -> list[str]:
         """Return the ids of the account's credentials for any cluster named `cluster_name`
-        that are revoked or whose cluster is deleted. A credential names its cluster only
-        by name, so it activates every cluster of that name, including one registered
-        again after its own was deleted: the notice of each must list it."""
+        that are revoked or whose cluster is deleted, and that expire after `expires_after`.
+        A credential names its cluster only by name, so it activates every cluster of that
+        name, including one registered again after its own was deleted: the notice of each
+        must list it."""
         with self._lock:
             rows = self._all(
                 "SELECT cr.id FROM credentials cr JOIN clusters c ON c.id = cr.cluster "
-                "WHERE cr.account = ? AND c.name = ? AND "
+                "WHERE cr.account = ? AND c.name = ? AND cr.expires > ? AND "
                 "(cr.revoked IS NOT NULL OR c.deleted IS NOT NULL) ORDER BY cr.id",
-                account_id, cluster_name)
+                account_id, cluster_name, expires_after)
         return [row["id"] for row in rows]
 
     # ---- metering ----------------------------------------------------------------------
