@@ -14,7 +14,9 @@ from hypothesis import strategies as st
 
 from ems.manage import billing
 from ems.manage.app import bill_view
-from ems.manage.sampler import Sampler
+from ems.cluster.membership import NodeRecord
+from ems.manage import zkstate
+from ems.manage.sampler import Sampler, ZooKeeperProbe
 from ems.manage.server import init_directory
 from ems.manage.service import Service
 from ems.manage.store import Store
@@ -241,3 +243,23 @@ def test_hours_never_exceed_the_nodes_running(raw):
         assert node_hours <= peak
     constant = billing.samples_of_timeline([(start, 5)], start, start + 3 * 3600)
     assert list(billing.hourly_node_hours(constant).values()) == [0, 5, 5, 5]
+
+
+def test_probe_skips_unreadable_node_records(zookeeper):
+    cluster = {"name": "garbage-records", "zookeeper": zookeeper.hosts, "account": "acct-1"}
+    good = NodeRecord("good", "127.0.0.1", 7000)
+    zk = zkstate.connect(zookeeper.hosts)
+    try:
+        nodes = "/ems/clusters/garbage-records/nodes"
+        zk.create(f"{nodes}/good", good.to_json(), makepath=True)
+        zk.create(f"{nodes}/deep", b"[" * 100000 + b"]" * 100000)
+        zk.create(f"{nodes}/junk", b"\xff{not json")
+    finally:
+        zk.stop()
+        zk.close()
+    probe = ZooKeeperProbe()
+    try:
+        assert probe.records(cluster) == [good]
+        assert probe.count(cluster) == 0   # the good node has no /activation endpoint
+    finally:
+        probe.close()
