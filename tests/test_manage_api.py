@@ -405,6 +405,13 @@ def test_bad_input_named(rig, acme, path, body, words):
     assert caught.value.status == 400
 
 
+@pytest.mark.parametrize("price", ["-0", "0E+99999", "-0.000"])
+def test_zero_price_stored_as_zero(rig, price):
+    reply = rig.admin.call("POST", "/v1/accounts", {"name": f"free {price}",
+                                                    "price_per_node_hour": price})
+    assert reply["price_per_node_hour"] == "0.00"
+
+
 def test_bad_topup_and_month_named(rig, acme):
     _, created = acme
     with pytest.raises(ApiError, match="top-up amount '0'") as caught:

@@ -71,6 +71,8 @@ def parse_money(text, what: str, limit: Decimal, allow_zero: bool = False) -> De
     if not value.is_finite() or value < 0 or (value == 0 and not allow_zero) or value > limit:
         lowest = "at least 0" if allow_zero else "greater than 0"
         raise ValueError(f"{what} {text!r} must be {lowest} and at most {limit}")
+    if value == 0:
+        return Decimal(0)   # not -0 or 0E+99, which would be stored and shown as typed
     if value.as_tuple().exponent < -6:
         raise ValueError(f"{what} {text!r} has more than 6 decimal places")
     return value
