@@ -449,6 +449,18 @@ def test_secrets_absent_from_disk_and_audit(rig, acme):
     assert "Qx7Qx7" not in audit
 
 
+def test_swapped_key_and_secret_not_logged(rig, acme):
+    client, created = acme
+    swapped = rig.client(created["secret_access_key"], created["access_key_id"])
+    status, data = swapped.raw("GET", "/v1/account")
+    assert status == 401
+    assert "not an access key id" in json.loads(data)["reason"]
+    assert created["secret_access_key"].encode() not in data
+    with open(f"{rig.directory}/audit.log") as f:
+        audit = f.read()
+    assert created["secret_access_key"] not in audit
+
+
 def test_audit_log_has_one_line_per_call(rig, acme, zookeeper):
     client, created = acme
     cluster = client.call("POST", "/v1/clusters", {"name": "audited",

@@ -33,6 +33,10 @@ HEADER_TIMESTAMP = "X-EMS-Timestamp"
 HEADER_NONCE = "X-EMS-Nonce"
 HEADER_SIGNATURE = "X-EMS-Signature"
 NONCE_PATTERN = re.compile(r"[A-Za-z0-9_-]{16,64}")
+# The form of ems.manage.sealing.new_access_key's ids, which no secret access key has. A
+# header of another form is never echoed or logged, because it may be a secret sent in the
+# wrong header.
+KEY_ID_PATTERN = re.compile(r"EK[A-Z0-9]{18}")
 # ASCII digits only, because int() also accepts signs, spaces, underscores and digits of
 # other scripts, and a 400-digit number overflows the float arithmetic of check_fresh.
 TIMESTAMP_PATTERN = re.compile(r"[0-9]{1,15}")
@@ -92,6 +96,10 @@ def check_headers(headers) -> tuple[str, int, str, str]:
             raise SignatureError(f"missing header {name}: every request must be signed "
                                  f"(see docs/management.md, 'Signing requests')")
         values[name] = value
+    if not KEY_ID_PATTERN.fullmatch(values[HEADER_KEY_ID]):
+        raise SignatureError(f"{HEADER_KEY_ID} is not an access key id ('EK' and 18 capital "
+                             f"letters or digits); check that the key id and the secret are "
+                             f"not swapped")
     if not TIMESTAMP_PATTERN.fullmatch(values[HEADER_TIMESTAMP]):
         raise SignatureError(f"{HEADER_TIMESTAMP} {values[HEADER_TIMESTAMP][:32]!r} is not "
                              f"Unix seconds (1 to 15 decimal digits)")
