@@ -312,16 +312,26 @@ def credential_main(argv: list[str] | None = None) -> int:
     revoke.add_argument("credential_id")
     args = _parse(parser, sub, argv)
     command = args.command or "list"
-    if command == "create" and os.path.exists(args.out):
-        parser.error(f"--out {args.out} exists already; choose a new file")
+    out = None      # the --out file, created before the call
+    written = False
+    if command == "create":
+        if os.path.exists(args.out):
+            parser.error(f"--out {args.out} exists already; choose a new file")
+        # Created before the call, so that a path that cannot be written fails here and no
+        # credential is issued whose token would be lost.
+        try:
+            out = os.fdopen(os.open(args.out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w")
+        except OSError as exc:
+            parser.error(f"--out {args.out} cannot be created: {exc.strerror}")
 
     def call(client):
+        nonlocal written
         if command == "create":
             reply = client.call("POST", "/v1/credentials", {"cluster": args.cluster,
                                                             "lifetime_s": args.lifetime})
-            fd = os.open(args.out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "w") as f:
-                f.write(reply["token"] + "\n")
+            with out:
+                out.write(reply["token"] + "\n")
+            written = True
             return reply, (_credential_rows([reply]) + f"\n\nwritten to {args.out}; activate "
                            f"with: ems activate --credential {args.out}")
         if command == "revoke":
@@ -332,7 +342,12 @@ def credential_main(argv: list[str] | None = None) -> int:
         reply = client.call("GET", "/v1/credentials")
         return reply, _credential_rows(reply["credentials"])
 
-    return _run(parser, args, call)
+    try:
+        return _run(parser, args, call)
+    finally:
+        if out is not None and not written:   # the call failed: leave no empty file
+            out.close()
+            os.unlink(args.out)
 
 
 def bill_main(argv: list[str] | None = None) -> int:
