@@ -394,6 +394,7 @@ def test_revocation_with_zookeeper_down_says_pending(rig, acme):
 @pytest.mark.parametrize("path,body,words", [
     ("/v1/clusters", {"name": "bad/name", "zookeeper": "127.0.0.1:2181"}, "invalid cluster"),
     ("/v1/clusters", {"name": "ok", "zookeeper": "no-port"}, "is not host:port"),
+    ("/v1/clusters", {"name": "ok", "zookeeper": "[::1:2181"}, "are invalid"),
     ("/v1/credentials", {"cluster": "clu-0", "lifetime_s": 1}, "lifetime 1 s"),
     ("/v1/accounts", {"name": "x", "price_per_node_hour": "cheap"}, "'cheap' is not a decimal"),
     ("/v1/accounts", {"name": "y", "price_per_node_hour": "-1"}, "must be at least 0"),
