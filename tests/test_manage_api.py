@@ -503,6 +503,20 @@ def test_internal_error_is_audited(rig, acme):
     assert client.call("GET", "/v1/account")["id"] == created["id"]
 
 
+def test_audit_line_stays_short(rig, acme):
+    client, _ = acme
+    status, _ = client.raw("POST", "/v1/credentials", {"cluster": "clu-" + "x" * 60000})
+    assert status == 404
+    status, _ = client.raw("GET", "/v1/clusters/clu-" + "y" * 8000)
+    assert status == 404
+    with open(f"{rig.directory}/audit.log") as f:
+        lines = f.readlines()[-2:]
+    for line in lines:
+        assert len(line) < 2000
+    assert json.loads(lines[0])["reason"].endswith("... (60022 characters)")
+    assert json.loads(lines[1])["resource"].startswith("clu-yyy")
+
+
 def test_openapi_schema_published(rig):
     status, data = rig.admin.raw("GET", "/openapi.json", sign=False)
     assert status == 200
