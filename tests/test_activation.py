@@ -243,6 +243,18 @@ def test_activate_refuses_revoked_credential(zookeeper, service, tmp_path):
     assert "revoked" in result.stderr
 
 
+@pytest.mark.parametrize("hosts", ["127.0.0.1:notaport", "127.0.0.1:99999", "[::1:2181"])
+def test_activate_rejects_bad_zookeeper_hosts(service, tmp_path, hosts):
+    key, public = service
+    token = sign_credential(key, "act-bad-hosts")
+    result = run_activate("--credential", write_token(tmp_path, "ok.cred", token),
+                          "--zookeeper", hosts, "--cluster", "act-bad-hosts",
+                          "--public-key", public)
+    assert result.returncode == 2
+    assert f"ZooKeeper hosts {hosts!r}" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_activate_needs_a_public_key(zookeeper, tmp_path):
     result = run_activate("--credential", write_token(tmp_path, "x.cred", "x"),
                           "--zookeeper", zookeeper.hosts, "--cluster", "act-no-key")

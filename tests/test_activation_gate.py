@@ -229,6 +229,19 @@ def test_znode_credential_and_standing_notices(pool, gates, zk, service_key, pub
     assert pool.get(key) is None
 
 
+def test_long_standing_notice_applied(pool, gates, zk, service_key, public_key, cluster):
+    gate = gates(pool, cluster, public_key, zk_client=zk)
+    zkstate.write(zk, zkstate.activation_path(cluster), credential(service_key, cluster))
+    assert wait_for(state_is(gate, "active"))
+
+    # A cluster whose account revoked many credentials over the years.
+    revoked = {f"cred-{i:016x}" for i in range(2000)} | {"cred-1"}
+    zkstate.write(zk, zkstate.standing_path(cluster),
+                  standing(service_key, cluster, 10, revoked=revoked))
+    assert wait_for(state_is(gate, "revoked"))
+    assert pool.suspended is True
+
+
 def test_znode_overwrite_keeps_last_valid_credential(pool, gates, zk, service_key,
                                                      public_key, cluster, caplog):
     caplog.set_level(logging.INFO, logger="ems.activation")

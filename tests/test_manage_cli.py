@@ -122,3 +122,46 @@ def test_cli_errors_are_clear(service, tmp_path):
     result = ems("manage", "init", "--dir", directory, check=False)
     assert result.returncode == 2
     assert "already contains a management service" in result.stderr
+
+
+@pytest.mark.parametrize("args,message", [
+    (("cluster", "show", "a b"), "cluster a b not found (HTTP 404)"),
+    (("cluster", "delete", "x?y=1"), "cluster x?y=1 not found (HTTP 404)"),
+    (("credential", "revoke", "../accounts"), "Not Found (HTTP 404)"),   # no route matches
+    (("access-key", "revoke", "EK 1"), "access key EK 1 not found (HTTP 404)"),
+], ids=["space", "question-mark", "slashes", "key-with-space"])
+def test_cli_odd_ids_not_found(service, args, message):
+    _, admin_env = service
+    result = ems(*args, env=admin_env, check=False)
+    assert result.returncode == 1
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_cli_config_not_an_object(service, tmp_path):
+    _, admin_env = service
+    config = tmp_path / "list.json"
+    config.write_text("[]")
+    result = ems("account", "--config", str(config), env=admin_env, check=False)
+    assert result.returncode == 2
+    assert "must contain a JSON object" in result.stderr
+
+
+def test_credential_out_unwritable_issues_nothing(service, tmp_path):
+    _, admin_env = service
+    cluster = json.loads(ems("cluster", "create", "unwritten", "--zookeeper", "127.0.0.1:1",
+                             "--json", env=admin_env).stdout)
+    out = tmp_path / "missing-directory" / "credential"
+    result = ems("credential", "create", "--cluster", cluster["id"], "--out", str(out),
+                 env=admin_env, check=False)
+    assert result.returncode == 2
+    assert "cannot be created: No such file or directory" in result.stderr
+    listed = json.loads(ems("credential", "list", "--json", env=admin_env).stdout)
+    assert listed["credentials"] == []
+
+    # A call that fails leaves no empty file behind.
+    out = tmp_path / "credential"
+    result = ems("credential", "create", "--cluster", "clu-0000000000000000", "--out",
+                 str(out), env=admin_env, check=False)
+    assert result.returncode == 1
+    assert not out.exists()

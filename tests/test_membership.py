@@ -119,6 +119,7 @@ def test_record_json_defaults_optional_fields():
     (b'{"node_id": "' + b"x" * 101 + b'", "host": "h", "port": 1}', "invalid node_id"),
     (b'{"node_id": "a", "host": "h", "port": 1, "local_socket": "/' + b"s" * 107 + b'"}',
      "field 'local_socket' is longer than 107 bytes"),
+    (b"[" * 100000 + b"]" * 100000, "nested too deeply"),
 ])
 def test_record_json_rejects(data, message):
     with pytest.raises(ValueError) as info:

@@ -139,6 +139,8 @@ class NodeRecord:
             obj = json.loads(data)
         except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
             raise ValueError(f"node record is not valid JSON: {exc}") from None
+        except RecursionError:   # nested deeper than Python's recursion limit (1000 by default)
+            raise ValueError("node record is not valid JSON: nested too deeply") from None
         return cls.from_dict(obj)
 
 

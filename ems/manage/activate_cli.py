@@ -50,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     # Step 1: verify everything that needs no ZooKeeper.
     try:
         zkstate.activation_path(args.cluster)
+        zkstate.check_hosts(args.zookeeper)
         public_key = load_public_key(args.public_key)
         with open(args.credential, encoding="ascii", errors="replace") as f:
             token = f.read().strip()

@@ -20,6 +20,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import ems
 from ems.manage import billing, signing
@@ -105,6 +106,7 @@ def create_app(service: Service, audit: AuditLog,
             raise HTTPException(401, str(exc),
                                 headers={"WWW-Authenticate": signing.ALGORITHM}) from None
         request.state.account = account
+        signing.check_query(request.url.query)
         return Caller(account, key_id)
 
     def error(request: Request, status: int, kind: str, reason: str, headers=None):
@@ -127,7 +129,15 @@ def create_app(service: Service, audit: AuditLog,
             response = error(request, 411, "length_required",
                              "send the body with a Content-Length header, not chunked")
         else:
-            response = await call_next(request)
+            try:
+                response = await call_next(request)
+            except Exception:   # an unexpected error still gets a JSON reply and an audit line
+                log.exception("%s %s failed (account %s, key %s)", request.method,
+                              request.url.path, request.state.account, request.state.key_id,
+                              extra={"account": request.state.account,
+                                     "key": request.state.key_id})
+                response = error(request, 500, "internal_error", "internal error of the "
+                                 "management service; its log has the details")
         route = request.scope.get("route")
         name = getattr(route, "name", None)
         if metrics is not None:
@@ -142,8 +152,30 @@ def create_app(service: Service, audit: AuditLog,
                         reason=request.state.reason, remote=client, now=service.clock())
         return response
 
-    @app.exception_handler(HTTPException)
-    async def on_http(request: Request, exc: HTTPException):
+    async def unsigned_response(request: Request):
+        """Return the 401 response for a request that failed before `authenticate` ran and
+        does not authenticate, else None. FastAPI parses a JSON body before it resolves
+        dependencies, so without this an unsigned request with a malformed body would get
+        400 or 422."""
+        path = request.url.path
+        if request.state.account is not None or not path.startswith("/v1/") or \
+                path == "/v1/public-key":
+            return None
+        try:
+            await authenticate(request)
+        except HTTPException as exc:
+            return error(request, exc.status_code, "unauthorized", str(exc.detail),
+                         exc.headers)
+        return None
+
+    # Registered for Starlette's HTTPException, the base of FastAPI's, because the router
+    # raises it for 404 and 405 and FastAPI raises it for a body it cannot parse.
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http(request: Request, exc: StarletteHTTPException):
+        if exc.status_code == 400:   # FastAPI could not parse the body
+            rejected = await unsigned_response(request)
+            if rejected is not None:
+                return rejected
         kind = {401: "unauthorized", 404: "not_found"}.get(exc.status_code, "error")
         return error(request, exc.status_code, kind, str(exc.detail), exc.headers)
 
@@ -165,6 +197,9 @@ def create_app(service: Service, audit: AuditLog,
 
     @app.exception_handler(RequestValidationError)
     async def on_validation(request: Request, exc: RequestValidationError):
+        rejected = await unsigned_response(request)
+        if rejected is not None:
+            return rejected
         details = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}"
                             for e in exc.errors())
         return error(request, 422, "invalid_request", details)

@@ -12,6 +12,15 @@ import threading
 import time
 
 
+MAX_FIELD_CHARS = 500   # a longer action, resource or reason is cut to this length
+
+
+def _cut(text: str | None) -> str | None:
+    if text is None or len(text) <= MAX_FIELD_CHARS:
+        return text
+    return f"{text[:MAX_FIELD_CHARS]}... ({len(text)} characters)"
+
+
 class AuditLog:
     def __init__(self, path: str):
         self.path = path
@@ -25,8 +34,9 @@ class AuditLog:
         now = time.time() if now is None else now
         line = json.dumps({
             "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now * 1000) % 1000:03d}Z",
-            "account": account, "key_id": key_id, "action": action, "resource": resource,
-            "result": result, "reason": reason, "remote": remote}, sort_keys=True)
+            "account": account, "key_id": key_id, "action": _cut(action),
+            "resource": _cut(resource), "result": result, "reason": _cut(reason),
+            "remote": remote}, sort_keys=True)
         with self._lock:
             self._file.write(line + "\n")
 

@@ -15,6 +15,7 @@ or EMS_* variables). Each prints a table, or the service's JSON with --json. Exi
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import logging
 import os
@@ -23,6 +24,7 @@ import signal
 import sys
 import threading
 import time
+from urllib.parse import quote
 
 from ems import logs
 from ems.admin import format_table
@@ -38,6 +40,13 @@ def parse_duration(text: str) -> int:
         raise argparse.ArgumentTypeError(f"duration {text!r} must be a number and a unit "
                                          f"s, m, h or d, e.g. 30d")
     return int(match.group(1)) * DURATION_UNITS[match.group(2)]
+
+
+def resource_path(collection: str, resource_id: str, *rest: str) -> str:
+    """Return the API path of one resource with its id percent-encoded. An id typed with a
+    space or '?' then reaches the service as typed, and gets a 404 instead of a traceback
+    or a signature mismatch."""
+    return "/".join([collection, quote(resource_id, safe=""), *rest])
 
 
 def when(t: int | None) -> str:
@@ -161,7 +170,7 @@ def _run(parser, args, call) -> int:
     except ApiError as exc:
         print(f"{parser.prog}: {exc.reason} (HTTP {exc.status})", file=sys.stderr)
         return 1
-    except OSError as exc:
+    except (OSError, http.client.HTTPException) as exc:
         print(f"{parser.prog}: cannot reach the management service at "
               f"https://{client.host}:{client.port}: {exc}", file=sys.stderr)
         return 1
@@ -211,7 +220,7 @@ def account_main(argv: list[str] | None = None) -> int:
                      "yes" if a["in_arrears"] else "no"] for a in reply["accounts"]]
             return reply, format_table(["id", "name", "price", "balance", "bill due",
                                         "arrears"], rows, left=2)
-        reply = client.call("POST", f"/v1/accounts/{args.account}/topups",
+        reply = client.call("POST", resource_path("/v1/accounts", args.account, "topups"),
                             {"amount": args.amount, "note": args.note})
         return reply, _account_text(reply)
 
@@ -233,7 +242,7 @@ def access_key_main(argv: list[str] | None = None) -> int:
             return reply, (f"access key id      {reply['access_key_id']}\nsecret access key  "
                            f"{reply['secret_access_key']}\n(the secret is shown only now)")
         if command == "revoke":
-            reply = client.call("DELETE", f"/v1/access-keys/{args.key_id}")
+            reply = client.call("DELETE", resource_path("/v1/access-keys", args.key_id))
             return reply, f"revoked access key {args.key_id}"
         reply = client.call("GET", "/v1/access-keys")
         rows = [[k["id"], when(k["created"]), when(k["revoked"])] for k in reply["access_keys"]]
@@ -271,9 +280,9 @@ def cluster_main(argv: list[str] | None = None) -> int:
             reply = client.call("POST", "/v1/clusters", {"name": args.name,
                                                          "zookeeper": args.zookeeper})
         elif command == "show":
-            reply = client.call("GET", f"/v1/clusters/{args.cluster_id}")
+            reply = client.call("GET", resource_path("/v1/clusters", args.cluster_id))
         elif command == "delete":
-            reply = client.call("DELETE", f"/v1/clusters/{args.cluster_id}")
+            reply = client.call("DELETE", resource_path("/v1/clusters", args.cluster_id))
         else:
             reply = client.call("GET", "/v1/clusters")
             return reply, _cluster_rows(reply["clusters"])
@@ -303,26 +312,42 @@ def credential_main(argv: list[str] | None = None) -> int:
     revoke.add_argument("credential_id")
     args = _parse(parser, sub, argv)
     command = args.command or "list"
-    if command == "create" and os.path.exists(args.out):
-        parser.error(f"--out {args.out} exists already; choose a new file")
+    out = None      # the --out file, created before the call
+    written = False
+    if command == "create":
+        if os.path.exists(args.out):
+            parser.error(f"--out {args.out} exists already; choose a new file")
+        # Created before the call, so that a path that cannot be written fails here and no
+        # credential is issued whose token would be lost.
+        try:
+            out = os.fdopen(os.open(args.out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w")
+        except OSError as exc:
+            parser.error(f"--out {args.out} cannot be created: {exc.strerror}")
 
     def call(client):
+        nonlocal written
         if command == "create":
             reply = client.call("POST", "/v1/credentials", {"cluster": args.cluster,
                                                             "lifetime_s": args.lifetime})
-            fd = os.open(args.out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "w") as f:
-                f.write(reply["token"] + "\n")
+            with out:
+                out.write(reply["token"] + "\n")
+            written = True
             return reply, (_credential_rows([reply]) + f"\n\nwritten to {args.out}; activate "
                            f"with: ems activate --credential {args.out}")
         if command == "revoke":
-            reply = client.call("DELETE", f"/v1/credentials/{args.credential_id}")
+            reply = client.call("DELETE", resource_path("/v1/credentials",
+                                                        args.credential_id))
             return reply, (_credential_rows([reply]) + f"\n\nstanding notice to the "
                            f"cluster's daemons: {reply['notice']}")
         reply = client.call("GET", "/v1/credentials")
         return reply, _credential_rows(reply["credentials"])
 
-    return _run(parser, args, call)
+    try:
+        return _run(parser, args, call)
+    finally:
+        if out is not None and not written:   # the call failed: leave no empty file
+            out.close()
+            os.unlink(args.out)
 
 
 def bill_main(argv: list[str] | None = None) -> int:

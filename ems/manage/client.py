@@ -40,6 +40,9 @@ def load_settings(config_path: str | None = None) -> dict:
                 settings = json.load(f)
             except ValueError as exc:
                 raise ValueError(f"{path} is not JSON: {exc}") from None
+        if not isinstance(settings, dict):
+            raise ValueError(f"{path} must contain a JSON object with the keys url, "
+                             f"access_key_id, secret_access_key and ca_file")
     elif config_path:
         raise FileNotFoundError(f"config file {config_path} not found")
     for name, variable in ENVIRONMENT.items():

@@ -28,6 +28,11 @@ GRACE_S = 120          # a sample time is still taken this long after it passed
 LOOP_S = 5.0           # how often the sampler wakes up
 PROBE_TIMEOUT_S = 2.0  # per node
 DELETED_RETRY_S = 86400   # deleted clusters' notices are retried this long
+# Clusters probed, and notices written, at once. A cluster whose ZooKeeper does not respond
+# holds one worker for up to zkstate.CONNECT_TIMEOUT_S (PUBLISH_TIMEOUT_S for a notice).
+# Taken one by one, a few dozen such clusters make a pass longer than GRACE_S, and then a
+# sample time can pass with no pass starting in its grace period, unsampled for everyone.
+CLUSTER_WORKERS = 32
 
 
 class Sampler:
@@ -57,15 +62,20 @@ class Sampler:
         """Sample every live cluster that lacks sample time t. Returns cluster id -> nodes
         for the samples recorded."""
         store = self.service.store
-        recorded = {}
-        for cluster in store.clusters(live_only=True):
-            if cluster["created"] > t or store.has_sample(cluster["id"], t):
-                continue
+        due = [cluster for cluster in store.clusters(live_only=True)
+               if cluster["created"] <= t and not store.has_sample(cluster["id"], t)]
+
+        def count(cluster: dict) -> int | None:
             try:
-                nodes = self._count(cluster)
+                return self._count(cluster)
             except Exception as exc:   # retried on the next pass within GRACE_S
                 log.warning("sample of %s of cluster %s (%s) failed: %s", _utc(t),
                             cluster["id"], cluster["name"], exc)
+                return None
+
+        recorded = {}
+        for cluster, nodes in zip(due, _run_all(count, due)):
+            if nodes is None:
                 continue
             if store.record_sample(cluster["id"], t, nodes):
                 recorded[cluster["id"]] = nodes
@@ -87,10 +97,9 @@ class Sampler:
             raise
 
     def publish_changed(self, now: int) -> None:
-        for cluster in self.service.store.clusters():
-            if cluster["deleted"] is not None and now - cluster["deleted"] > DELETED_RETRY_S:
-                continue
-            self.service.publish_standing(cluster, force=False)
+        clusters = [cluster for cluster in self.service.store.clusters()
+                    if cluster["deleted"] is None or now - cluster["deleted"] <= DELETED_RETRY_S]
+        _run_all(lambda cluster: self.service.publish_standing(cluster, force=False), clusters)
 
     # ---- background thread -------------------------------------------------------------
 
@@ -115,6 +124,16 @@ class Sampler:
             self._stop.wait(LOOP_S)
 
 
+def _run_all(function, items: list) -> list:
+    """Return [function(item) for item in items], computed by up to CLUSTER_WORKERS threads
+    that end with the call."""
+    if len(items) <= 1:
+        return [function(item) for item in items]
+    with ThreadPoolExecutor(max_workers=min(CLUSTER_WORKERS, len(items)),
+                            thread_name_prefix="ems-sampler-worker") as workers:
+        return list(workers.map(function, items))
+
+
 class ZooKeeperProbe:
     """Node counter that reads a cluster's ZooKeeper and the nodes' HTTP endpoints, with
     one ZooKeeper client per ensemble."""
@@ -122,6 +141,11 @@ class ZooKeeperProbe:
     def __init__(self):
         self._clients = {}
         self._pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="ems-probe")
+        # The sampler's workers and the API's threads call it at once. _lock guards the two
+        # dicts, and each ensemble's lock makes clusters that share it wait for one
+        # connection.
+        self._lock = threading.Lock()
+        self._connecting: dict[str, threading.Lock] = {}
 
     def count(self, cluster: dict) -> int:
         answers = self.map(node_serves, self.records(cluster))
@@ -154,19 +178,28 @@ class ZooKeeperProbe:
         return records
 
     def _client(self, hosts: str):
-        client = self._clients.get(hosts)
-        if client is None:
-            client = self._clients[hosts] = zkstate.connect(hosts)
+        with self._lock:
+            connecting = self._connecting.setdefault(hosts, threading.Lock())
+        with connecting:
+            with self._lock:
+                client = self._clients.get(hosts)
+            if client is None:
+                client = zkstate.connect(hosts)
+                with self._lock:
+                    self._clients[hosts] = client
         return client
 
     def _drop(self, hosts: str) -> None:
-        client = self._clients.pop(hosts, None)
+        with self._lock:
+            client = self._clients.pop(hosts, None)
         if client is not None:
             client.stop()
             client.close()
 
     def close(self) -> None:
-        for hosts in list(self._clients):
+        with self._lock:
+            ensembles = list(self._clients)
+        for hosts in ensembles:
             self._drop(hosts)
         self._pool.shutdown(wait=False)
 

@@ -12,6 +12,7 @@ Files in the service directory (`ems manage init` creates them):
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import threading
@@ -28,6 +29,9 @@ MAX_CREDENTIAL_LIFETIME_S = 3 * 366 * 86400
 DEFAULT_CREDENTIAL_LIFETIME_S = 365 * 86400
 PUBLISH_TIMEOUT_S = 3.0   # an API call waits this long for an unreachable ZooKeeper
 PUBLISH_RETRY_S = 60.0    # the sampler retries a failed notice after this long
+# A dead credential leaves the standing notice this long after it expires: daemons reject
+# it by its expiry by then, unless their clock is more than this far behind.
+EXPIRED_LISTED_S = 86400
 
 
 def money(value) -> str:
@@ -57,7 +61,10 @@ class Service:
         # missing here (new, or a write failed) are written on the next sampler pass.
         self._published: dict[str, tuple] = {}
         self._retry_at: dict[str, float] = {}   # cluster id -> clock time of the next try
-        self._publish_lock = threading.Lock()
+        self._last_issued = 0                    # Unix ms of the newest notice signed
+        # (zookeeper, cluster name) -> the lock held while that standing znode is written
+        self._znode_locks: dict[tuple[str, str], threading.Lock] = {}
+        self._publish_lock = threading.Lock()   # guards the four fields above, briefly
         self.probe = None   # reads clusters' ZooKeeper and nodes; set by ManageServer
 
     def now(self) -> int:
@@ -164,41 +171,78 @@ class Service:
     # ---- standing notices --------------------------------------------------------------
 
     def standing_of(self, cluster: dict) -> tokens.Standing:
-        return tokens.Standing(account=cluster["account"], cluster=cluster["name"],
-                               issued=int(self.clock() * 1000),
-                               revoked=frozenset(self.store.revoked_credentials(cluster["id"])),
+        """Return the cluster's standing now, with `issued` 0 until publish_standing signs it."""
+        return tokens.Standing(account=cluster["account"], cluster=cluster["name"], issued=0,
+                               revoked=frozenset(self.store.dead_credentials(
+                                   cluster["account"], cluster["name"],
+                                   self.now() - EXPIRED_LISTED_S)),
                                arrears=self.in_arrears(cluster["account"]),
                                deleted=cluster["deleted"] is not None)
+
+    def _next_issued(self) -> int:
+        """Return the Unix ms time for a new notice, later than every notice signed before.
+        A daemon applies a notice only when it is newer than the one it holds, so two
+        notices signed in the same millisecond must not share a time. Call it under
+        _publish_lock.
+        NOTE: only this process's notices are ordered. A service restarted with its clock
+        set back signs notices that daemons ignore until the clock passes the old ones."""
+        self._last_issued = max(int(self.clock() * 1000), self._last_issued + 1)
+        return self._last_issued
 
     def publish_standing(self, cluster: dict, force: bool = True) -> str:
         """Write the cluster's standing notice to its ZooKeeper. Without force, only when it
         differs from what was last written, and not within PUBLISH_RETRY_S of a failed
         write. Returns "published", "unchanged", or why it was not written (the sampler
-        retries)."""
+        retries a notice that is pending)."""
+        with self._publish_lock:
+            znode_lock = self._znode_locks.setdefault((cluster["zookeeper"], cluster["name"]),
+                                                      threading.Lock())
+        # One writer per standing znode, so that of two concurrent calls the one that writes
+        # last also read the state last and signs the later time. Different znodes, such as
+        # the sampler's many clusters, are written in parallel.
+        with znode_lock:
+            return self._publish_standing(cluster["id"], force)
+
+    def _publish_standing(self, cluster_id: str, force: bool) -> str:
+        # The row is read again because the caller's copy (the sampler's listing) may
+        # predate a deletion.
+        cluster = self.store.cluster(None, cluster_id)
+        if cluster["deleted"] is not None and \
+                self.store.live_cluster(cluster["zookeeper"], cluster["name"]):
+            # A newer cluster of this name and ZooKeeper owns the standing znode now. This
+            # notice would replace that cluster's notice and stop its daemons.
+            return ("not written: a newer cluster of this name on this ZooKeeper uses the "
+                    "standing notice")
         standing = self.standing_of(cluster)
         content = (standing.revoked, standing.arrears, standing.deleted)
         with self._publish_lock:
-            if not force and self._published.get(cluster["id"]) == content:
+            if not force and self._published.get(cluster_id) == content:
                 return "unchanged"
-            if not force and self.clock() < self._retry_at.get(cluster["id"], 0.0):
+            if not force and self.clock() < self._retry_at.get(cluster_id, 0.0):
                 return "pending: waiting to retry ZooKeeper"
-            self._published.pop(cluster["id"], None)
-            try:
-                zkstate.publish(cluster["zookeeper"], zkstate.standing_path(cluster["name"]),
-                                tokens.sign_standing(self.signing_key, standing),
-                                timeout=PUBLISH_TIMEOUT_S)
-            except Exception as exc:   # ZooKeeper down or unreachable: retried later
-                self._retry_at[cluster["id"]] = self.clock() + PUBLISH_RETRY_S
-                log.warning("standing notice of cluster %s (%s) not written to ZooKeeper %s: "
-                            "%s; retrying in %.0f s", cluster["id"], cluster["name"],
-                            cluster["zookeeper"], exc, PUBLISH_RETRY_S,
-                            extra={"cluster": cluster["id"], "account": cluster["account"]})
-                return f"pending: ZooKeeper {cluster['zookeeper']} unreachable ({exc})"
-            self._published[cluster["id"]] = content
+            self._published.pop(cluster_id, None)
+            standing = dataclasses.replace(standing, issued=self._next_issued())
+        token = tokens.sign_standing(self.signing_key, standing)
+        try:
+            if len(token) > tokens.MAX_STANDING_CHARS:
+                raise ValueError(f"the notice is {len(token)} characters long, above the "
+                                 f"{tokens.MAX_STANDING_CHARS} that daemons accept")
+            zkstate.publish(cluster["zookeeper"], zkstate.standing_path(cluster["name"]),
+                            token, timeout=PUBLISH_TIMEOUT_S)
+        except Exception as exc:   # ZooKeeper down or unreachable: retried later
+            with self._publish_lock:
+                self._retry_at[cluster_id] = self.clock() + PUBLISH_RETRY_S
+            log.warning("standing notice of cluster %s (%s) not written to ZooKeeper %s: %s; "
+                        "retrying in %.0f s", cluster_id, cluster["name"],
+                        cluster["zookeeper"], exc, PUBLISH_RETRY_S,
+                        extra={"cluster": cluster_id, "account": cluster["account"]})
+            return f"pending: ZooKeeper {cluster['zookeeper']} unreachable ({exc})"
+        with self._publish_lock:
+            self._published[cluster_id] = content
         log.info("standing notice of cluster %s (%s): revoked %d credentials, arrears %s, "
-                 "deleted %s", cluster["id"], cluster["name"], len(standing.revoked),
+                 "deleted %s", cluster_id, cluster["name"], len(standing.revoked),
                  standing.arrears, standing.deleted,
-                 extra={"cluster": cluster["id"], "account": cluster["account"]})
+                 extra={"cluster": cluster_id, "account": cluster["account"]})
         return "published"
 
     def publish_account(self, account_id: str) -> None:

@@ -33,12 +33,32 @@ HEADER_TIMESTAMP = "X-EMS-Timestamp"
 HEADER_NONCE = "X-EMS-Nonce"
 HEADER_SIGNATURE = "X-EMS-Signature"
 NONCE_PATTERN = re.compile(r"[A-Za-z0-9_-]{16,64}")
+# The form of ems.manage.sealing.new_access_key's ids, which no secret access key has. A
+# header of another form is never echoed or logged, because it may be a secret sent in the
+# wrong header.
+KEY_ID_PATTERN = re.compile(r"EK[A-Z0-9]{18}")
+# ASCII digits only, because int() also accepts signs, spaces, underscores and digits of
+# other scripts, and a 400-digit number overflows the float arithmetic of check_fresh.
+TIMESTAMP_PATTERN = re.compile(r"[0-9]{1,15}")
+SIGNATURE_PATTERN = re.compile(r"[0-9A-Fa-f]{64}")
 
 
 def canonical_query(query: str) -> str:
     pairs = sorted(parse_qsl(query, keep_blank_values=True))
     return "&".join(f"{quote(name, safe='-_.~')}={quote(value, safe='-_.~')}"
                     for name, value in pairs)
+
+
+def check_query(query: str) -> None:
+    """Raise ValueError for a query that names a parameter twice. The canonical query sorts
+    repeated values, so the signature does not fix their order, and the API reads the last
+    one: reordering them would change the request without changing its signature."""
+    seen = set()
+    for name, _ in parse_qsl(query, keep_blank_values=True):
+        if name in seen:
+            raise ValueError(f"query parameter {name[:40]!r} appears more than once; send "
+                             f"each parameter once")
+        seen.add(name)
 
 
 def string_to_sign(method: str, path: str, query: str, body: bytes, timestamp: str,
@@ -82,16 +102,21 @@ def check_headers(headers) -> tuple[str, int, str, str]:
                                  f"(see docs/management.md, 'Signing requests')",
                                  reason="missing_header")
         values[name] = value
-    try:
-        timestamp = int(values[HEADER_TIMESTAMP])
-    except ValueError:
+    if not KEY_ID_PATTERN.fullmatch(values[HEADER_KEY_ID]):
+        raise SignatureError(f"{HEADER_KEY_ID} is not an access key id ('EK' and 18 capital "
+                             f"letters or digits); check that the key id and the secret are "
+                             f"not swapped", reason="malformed_header")
+    if not TIMESTAMP_PATTERN.fullmatch(values[HEADER_TIMESTAMP]):
         raise SignatureError(f"{HEADER_TIMESTAMP} {values[HEADER_TIMESTAMP][:32]!r} is not "
-                             f"Unix seconds", reason="malformed_header") from None
+                             f"Unix seconds (1 to 15 decimal digits)", reason="malformed_header")
     nonce = values[HEADER_NONCE]
     if not NONCE_PATTERN.fullmatch(nonce):
         raise SignatureError(f"{HEADER_NONCE} must be 16 to 64 characters from "
                              f"A-Z a-z 0-9 _ -", reason="malformed_header")
-    return values[HEADER_KEY_ID], timestamp, nonce, values[HEADER_SIGNATURE]
+    if not SIGNATURE_PATTERN.fullmatch(values[HEADER_SIGNATURE]):
+        raise SignatureError(f"{HEADER_SIGNATURE} must be 64 hexadecimal digits (the "
+                             f"HMAC-SHA256 of the string to sign)", reason="malformed_header")
+    return values[HEADER_KEY_ID], int(values[HEADER_TIMESTAMP]), nonce, values[HEADER_SIGNATURE]
 
 
 def check_fresh(timestamp: int, now: float) -> None:

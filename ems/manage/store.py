@@ -71,6 +71,8 @@ def parse_money(text, what: str, limit: Decimal, allow_zero: bool = False) -> De
     if not value.is_finite() or value < 0 or (value == 0 and not allow_zero) or value > limit:
         lowest = "at least 0" if allow_zero else "greater than 0"
         raise ValueError(f"{what} {text!r} must be {lowest} and at most {limit}")
+    if value == 0:
+        return Decimal(0)   # not -0 or 0E+99, which would be stored and shown as typed
     if value.as_tuple().exponent < -6:
         raise ValueError(f"{what} {text!r} has more than 6 decimal places")
     return value
@@ -207,6 +209,14 @@ class Store:
         with self._lock:
             return [dict(row) for row in self._all(sql + " ORDER BY created, id", *args)]
 
+    def live_cluster(self, zookeeper: str, name: str) -> dict | None:
+        """Return the live cluster named `name` on `zookeeper`, of any account, or None. The
+        index live_cluster_names allows at most one."""
+        with self._lock:
+            row = self._one("SELECT * FROM clusters WHERE zookeeper = ? AND name = ? AND "
+                            "deleted IS NULL", zookeeper, name)
+        return dict(row) if row is not None else None
+
     def delete_cluster(self, account_id: str, cluster_id: str, now: int) -> dict:
         with self._tx():
             self.cluster(account_id, cluster_id)
@@ -253,10 +263,19 @@ class Store:
                              "WHERE id = ?", (now, credential_id))
         return self.credential(account_id, credential_id)
 
-    def revoked_credentials(self, cluster_id: str) -> list[str]:
+    def dead_credentials(self, account_id: str, cluster_name: str,
+                         expires_after: int) -> list[str]:
+        """Return the ids of the account's credentials for any cluster named `cluster_name`
+        that are revoked or whose cluster is deleted, and that expire after `expires_after`.
+        A credential names its cluster only by name, so it activates every cluster of that
+        name, including one registered again after its own was deleted: the notice of each
+        must list it."""
         with self._lock:
-            rows = self._all("SELECT id FROM credentials WHERE cluster = ? AND revoked IS NOT "
-                             "NULL ORDER BY id", cluster_id)
+            rows = self._all(
+                "SELECT cr.id FROM credentials cr JOIN clusters c ON c.id = cr.cluster "
+                "WHERE cr.account = ? AND c.name = ? AND cr.expires > ? AND "
+                "(cr.revoked IS NOT NULL OR c.deleted IS NOT NULL) ORDER BY cr.id",
+                account_id, cluster_name, expires_after)
         return [row["id"] for row in rows]
 
     # ---- metering ----------------------------------------------------------------------
@@ -342,9 +361,15 @@ class _Transaction:
 
     def __enter__(self):
         self.store._lock.acquire()
-        self.nested = self.store._db.in_transaction
-        if not self.nested:
-            self.store._db.execute("BEGIN IMMEDIATE")
+        try:
+            self.nested = self.store._db.in_transaction
+            if not self.nested:
+                self.store._db.execute("BEGIN IMMEDIATE")
+        except BaseException:
+            # BEGIN fails when another process keeps the write lock past the busy
+            # timeout. The lock must not stay taken, or every later call would wait forever.
+            self.store._lock.release()
+            raise
         return self
 
     def __exit__(self, kind, value, traceback):

@@ -25,7 +25,11 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 PREFIX = "ems1"
-MAX_TOKEN_CHARS = 8192   # a token longer than this is rejected before decoding
+# A token longer than its kind's limit is rejected before decoding. A standing notice lists
+# about 32 characters per revoked credential, so it needs more room than a credential. It
+# must still fit in one znode, whose size ZooKeeper limits to about 1 MiB by default.
+MAX_TOKEN_CHARS = 8192
+MAX_STANDING_CHARS = 512 << 10
 
 
 class TokenError(ValueError):
@@ -118,12 +122,11 @@ def _sign(key: Ed25519PrivateKey, payload: dict) -> str:
     return f"{signed}.{_b64(key.sign(signed.encode('ascii')))}"
 
 
-def _verify(public_key: Ed25519PublicKey, token: str, kind: str) -> dict:
+def _verify(public_key: Ed25519PublicKey, token: str, kind: str, max_chars: int) -> dict:
     """Return the payload of a token whose signature is good, else raise TokenError."""
     token = token.strip()
-    if len(token) > MAX_TOKEN_CHARS:
-        raise TokenError(f"{kind} is {len(token)} characters long; the limit is "
-                         f"{MAX_TOKEN_CHARS}")
+    if len(token) > max_chars:
+        raise TokenError(f"{kind} is {len(token)} characters long; the limit is {max_chars}")
     parts = token.split(".")
     if len(parts) != 3 or parts[0] != PREFIX:
         raise TokenError(f"{kind} is not an EMS token (expected '{PREFIX}.PAYLOAD.SIGNATURE')")
@@ -160,7 +163,7 @@ def parse_credential(public_key: Ed25519PublicKey, token: str) -> Credential:
     """Check signature, kind and fields, but neither cluster nor expiry; return the
     credential. Raises TokenError. Daemons use it to tell an expired or other-cluster
     credential from a forged one."""
-    payload = _verify(public_key, token, "credential")
+    payload = _verify(public_key, token, "credential", MAX_TOKEN_CHARS)
     try:
         return Credential(id=str(payload["id"]), account=str(payload["account"]),
                           cluster=str(payload["cluster"]), issued=int(payload["issued"]),
@@ -185,7 +188,7 @@ def verify_credential(public_key: Ed25519PublicKey, token: str, *, cluster: str 
 
 def verify_standing(public_key: Ed25519PublicKey, token: str, *, cluster: str) -> Standing:
     """Check signature, kind and cluster; return the notice. Raises TokenError."""
-    payload = _verify(public_key, token, "standing")
+    payload = _verify(public_key, token, "standing", MAX_STANDING_CHARS)
     try:
         standing = Standing(account=str(payload["account"]), cluster=str(payload["cluster"]),
                             issued=int(payload["issued"]),

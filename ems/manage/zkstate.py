@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from kazoo.client import KazooClient
 from kazoo.exceptions import NoNodeError, NodeExistsError
+from kazoo.hosts import collect_hosts
 
 from ems.cluster.membership import ROOT, check_name
 from ems.errors import MembershipError
@@ -76,3 +77,8 @@ def check_hosts(hosts: str) -> None:
         host, _, port = part.strip().rpartition(":")
         if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
             raise ValueError(f"ZooKeeper hosts {hosts!r}: {part!r} is not host:port")
+    # kazoo's own parser, which KazooClient runs, rejects more (an unclosed '[' of IPv6).
+    try:
+        collect_hosts(hosts)
+    except ValueError as exc:
+        raise ValueError(f"ZooKeeper hosts {hosts!r} are invalid: {exc}") from None
