@@ -203,8 +203,9 @@ def test_manage_requests_and_auth_failures(manage):
     manage.admin.call("GET", "/v1/account")
     manage.admin.call("GET", "/v1/account")
     forger = manage.client(manage.admin.key_id, "wrong-secret")
-    stranger = manage.client("AKIDUNKNOWN0000", "secret")
-    for client in (forger, stranger):
+    stranger = manage.client("EK" + "Z" * 18, "secret")
+    malformed = manage.client("AKIDUNKNOWN0000", "secret")
+    for client in (forger, stranger, malformed):
         with pytest.raises(ApiError, match="HTTP 401"):
             client.call("GET", "/v1/account")
     status, _ = manage.admin.raw("GET", "/v1/account", sign=False)
@@ -214,7 +215,7 @@ def test_manage_requests_and_auth_failures(manage):
 
     text = scrape(manage.server.metrics.port)
     assert sample(text, "ems_manage_requests_total", action="account.get", status="200") == 2
-    assert sample(text, "ems_manage_requests_total", action="account.get", status="401") == 3
+    assert sample(text, "ems_manage_requests_total", action="account.get", status="401") == 4
     assert sample(text, "ems_manage_requests_total", action="unmatched", status="404") == 1
     assert sample(text, "ems_manage_request_duration_seconds_count", action="account.get",
                   status="200") == 2
@@ -224,7 +225,7 @@ def test_manage_requests_and_auth_failures(manage):
                 for reason in ("bad_signature", "unknown_key", "missing_header", "stale",
                                "replayed", "malformed_header")}
     assert failures == {"bad_signature": 1, "unknown_key": 1, "missing_header": 1,
-                        "stale": 0, "replayed": 0, "malformed_header": 0}
+                        "stale": 0, "replayed": 0, "malformed_header": 1}
 
 
 class FlakyProbe:
