@@ -247,6 +247,12 @@ static int op_get(ems_srv_conn_t *conn, const ems_frame_t *req)
     ems_frame_encode(&resp, header);
     iov[0] = (struct iovec){header, sizeof header};
     iov[1] = (struct iovec){conn->out, 8 * n};
+    /* Counted before the send, so a client that reads STATS after its reply arrived sees
+     * this request. */
+    COUNT(conn, gets, n);
+    COUNT(conn, get_hits, hits);
+    COUNT(conn, get_misses, n - hits);
+    COUNT(conn, bytes_out, sizeof header + off);
     int rc = ems_send_all(conn->fd, iov, niov, ems_deadline_in(conn->server->cfg.io_timeout_ms));
     for (uint64_t i = 0; i < hits; i++)
         ems_pool_unpin(pool, pins[i]);
@@ -254,10 +260,6 @@ static int op_get(ems_srv_conn_t *conn, const ems_frame_t *req)
     free(pins);
     free(datas);
 
-    COUNT(conn, gets, n);
-    COUNT(conn, get_hits, hits);
-    COUNT(conn, get_misses, n - hits);
-    COUNT(conn, bytes_out, sizeof header + off);
     if (rc < 0)
         ems_srv_count_io_error(conn->server, rc);
     if (rc < 0 && !atomic_load(&conn->server->stopping))

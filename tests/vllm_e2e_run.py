@@ -59,6 +59,8 @@ def main():
             histories[i] = prompt + tokens
         turns.append(records)
         llm.reset_prefix_cache()
+        if (args.get("extra") or {}).get("spill_dir"):
+            wait_spill_settled(args["extra"]["spill_dir"])
 
     stats = spill = None
     extra = args.get("extra") or {}
@@ -79,6 +81,25 @@ def main():
               "startup_s": round(startup_s, 1),
               "total_s": round(time.monotonic() - started, 1)}
     print("E2E_RESULT " + json.dumps(result), flush=True)
+
+
+def wait_spill_settled(directory: str, quiet_s: float = 0.5, timeout_s: float = 15.0) -> None:
+    """Wait until the spill directory has not grown for quiet_s, as a user's think time
+    between turns would. Blocks the worker is still writing from DRAM to disk when the next
+    turn is scheduled are misses by design; this run checks that written ones are found."""
+    from ems.tiering.view import SpillView
+
+    view = SpillView(directory)
+    try:
+        count, changed = view.count(), time.monotonic()
+        deadline = changed + timeout_s
+        while time.monotonic() < deadline and time.monotonic() - changed < quiet_s:
+            time.sleep(0.1)
+            now = view.count()
+            if now != count:
+                count, changed = now, time.monotonic()
+    finally:
+        view.close()
 
 
 if __name__ == "__main__":

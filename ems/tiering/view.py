@@ -50,6 +50,13 @@ class SpillView:
             present = [p or bytes(key) in open_keys for p, key in zip(present, keys)]
         return present
 
+    def count(self) -> int:
+        """Rescan and return how many records the directory holds, published or open."""
+        self._scanned, self._stale = time.monotonic(), False
+        self._rescan()
+        published = self._store.stats()["blocks"] if self._store is not None else 0
+        return published + sum(len(found) for _, found in self._open.values())
+
     def close(self) -> None:
         if self._store is not None:
             self._store.close()
