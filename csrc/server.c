@@ -261,7 +261,11 @@ static const char *decode_error_name(int rc)
 static void conn_free(ems_srv_conn_t *conn)
 {
     ems_server_t *server = conn->server;
-    for (uint64_t i = 0; i < conn->npending; i++)
+    /* A local client may still be copying into the slots of its pending reservation when
+     * the server stops: it had the LOCAL_RESERVE response and has not sent LOCAL_COMMIT.
+     * Freeing a slot under that copy would let it overwrite the free-list link stored in
+     * the slot, so on stop the slots stay reserved until the pool closes. */
+    for (uint64_t i = 0; i < conn->npending && !atomic_load(&server->stopping); i++)
         if (conn->pending[i].data && !conn->pending[i].exists)
             ems_pool_abort(server->cfg.pool, &conn->pending[i]);
     free(conn->pending);

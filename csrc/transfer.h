@@ -102,8 +102,11 @@ int ems_server_start(const ems_server_config_t *config, ems_server_t **out);
 /* The TCP port the server listens on (the chosen one when config.port was 0). */
 uint16_t ems_server_port(const ems_server_t *server);
 
-/* Stops accepting, closes every connection (aborting their open reservations), joins the
- * threads and frees the server. The pool stays open. */
+/* Stops accepting, closes every connection, joins the threads and frees the server. The
+ * pool stays open. A PUT's reservations are aborted, but a local client's pending
+ * reservations (LOCAL_RESERVE without LOCAL_COMMIT) are not, because the client may still
+ * be copying into their slots.
+ * NOTE: those slots stay reserved, and count as used, until the pool closes. */
 void ems_server_stop(ems_server_t *server);
 
 void ems_server_stats(ems_server_t *server, ems_server_stats_t *stats);
