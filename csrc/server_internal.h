@@ -23,6 +23,7 @@ typedef struct ems_srv_counters {
     _Atomic uint64_t gets, get_hits, get_misses, puts, put_stored, bytes_in, bytes_out;
     _Atomic uint64_t local_puts;
     _Atomic uint64_t miss_calls, miss_keys, miss_found;
+    _Atomic uint64_t hellos[EMS_PROTO_VERSION_MAX + 1][2];  /* by agreed version and role */
 } ems_srv_counters_t;
 
 typedef struct ems_srv_conn {
@@ -79,6 +80,8 @@ struct ems_server {
 
     ems_directory_t dir;
     ems_srv_counters_t count;
+    atomic_int draining;           /* set by DRAIN: PUT and LOCAL_RESERVE store nothing */
+    _Atomic uint64_t active;       /* requests being dispatched now, for DRAIN's response */
 
     pthread_mutex_t log_lock;
     char log[EMS_LOG_BYTES];

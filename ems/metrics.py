@@ -83,8 +83,12 @@ class _Collector:
             yield from _tier_metrics(node, pool, tier)
         yield from _activation_metrics(node, daemon.activation())
         info = InfoMetricFamily("ems_node", "Version, protocol range and page kind of the node")
-        info.add_metric([], {"node": node, "version": ems.__version__, "protocol_min": "1",
-                             "protocol_max": "1", "page_kind": pool["page_kind"]})
+        # The range the server speaks: the build's (_core.PROTO_VERSION_MIN and _MAX)
+        # unless EMS_PROTO_MIN or EMS_PROTO_MAX narrowed it.
+        info.add_metric([], {"node": node, "version": ems.__version__,
+                             "protocol_min": str(daemon.server.proto_min),
+                             "protocol_max": str(daemon.server.proto_max),
+                             "page_kind": pool["page_kind"]})
         yield info
 
 
