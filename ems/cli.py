@@ -10,6 +10,7 @@
     ems account|access-key|cluster|credential|bill ...
                                    signed calls to the management API (ems.manage.cli)
     ems activate --credential ...  activate a cluster (python -m ems.manage.activate_cli)
+    ems upgrade --restart-cmd ...  restart the daemons one at a time (python -m ems.upgrade)
 
 Each subcommand takes the options of the module it runs; `ems SUBCOMMAND --help` lists them.
 """
@@ -33,6 +34,8 @@ SUBCOMMANDS = {
     "bill": ("ems.manage.cli:bill_main", "itemised bill: node-hours per hour and cluster"),
     "activate": ("ems.manage.activate_cli", "activate a cluster with a credential from the "
                  "management service"),
+    "upgrade": ("ems.upgrade", "rolling upgrade: drain and restart the daemons one at a "
+                "time, checking each comes back healthy"),
     "replay": ("ems.replay.__main__", "multi-turn replay of real conversations through vLLM"),
     "build-model": ("ems.tools.build_model", "build the small random-weight model and tokenizer"),
 }
