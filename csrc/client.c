@@ -27,7 +27,10 @@
 struct ems_conn {
     int fd;                 /* -1 once closed */
     int is_local;
-    uint16_t version;
+    uint16_t version;       /* agreed in HELLO; 0 before */
+    uint16_t proto_min, proto_max;  /* versions this client offers */
+    uint16_t peer_min, peer_max;    /* the server's range from an UNSUPPORTED_VERSION
+                                     * response; 0 when it sent none */
     uint64_t next_id;
     uint32_t max_payload;
     uint8_t *buf;           /* request heads and small response payloads */
@@ -70,6 +73,19 @@ static int grow(ems_conn_t *conn, size_t need)
     return 0;
 }
 
+/* Reads the server's range (u16 min, u16 max) that an UNSUPPORTED_VERSION response
+ * carries since version 2. Older servers send none, and then the range stays unknown. */
+static void read_peer_range(ems_conn_t *conn, const ems_frame_t *resp, uint64_t deadline)
+{
+    uint8_t range[4];
+    if (resp->payload_len != sizeof range ||
+        ems_recv_all(conn->fd, range, sizeof range, deadline) < 0 ||
+        ems_crc32c(0, range, sizeof range) != resp->payload_crc)
+        return;
+    conn->peer_min = ems_get16(range);
+    conn->peer_max = ems_get16(range + 2);
+}
+
 /* Sends one request (header + parts, one sendmsg where the socket allows) and reads the
  * response header. Returns 0 with *resp filled, or a negative errno (connection closed).
  * An error status is returned as its errno after closing. */
@@ -86,7 +102,9 @@ static int exchange(ems_conn_t *conn, uint16_t op, struct iovec *parts, int npar
     }
     if (len > UINT32_MAX)
         return -EMSGSIZE;
-    ems_frame_t req = {.version = conn->version ? conn->version : EMS_PROTO_VERSION_MAX,
+    /* Before the handshake: the oldest version offered, which every server that shares a
+     * version with this client decodes. */
+    ems_frame_t req = {.version = conn->version ? conn->version : conn->proto_min,
                        .opcode = op, .request_id = conn->next_id++,
                        .payload_len = (uint32_t)len, .payload_crc = len ? crc : 0};
     uint8_t header[EMS_FRAME_HEADER_BYTES];
@@ -112,8 +130,12 @@ static int exchange(ems_conn_t *conn, uint16_t op, struct iovec *parts, int npar
     uint8_t in[EMS_FRAME_HEADER_BYTES];
     if (sent == 0 || sent == -EPIPE || sent == -ECONNRESET)
         rc = ems_recv_all(conn->fd, in, sizeof in, deadline);
+    /* A response carries the agreed version. Before the handshake it may carry any: a
+     * rejection of HELLO comes in whatever version the server picked. */
     if (rc == 0)
-        rc = ems_frame_decode(in, conn->max_payload, resp);
+        rc = conn->version ? ems_frame_decode(in, conn->max_payload, conn->version,
+                                              conn->version, resp)
+                           : ems_frame_decode(in, conn->max_payload, 0, UINT16_MAX, resp);
     /* An error status with request id 0 belongs to no request. The server rejected the
      * connection (BUSY at its connection limit) or a header it could not decode. */
     int rejected = rc == 0 && resp->request_id == 0 && resp->status != EMS_STATUS_OK;
@@ -123,8 +145,11 @@ static int exchange(ems_conn_t *conn, uint16_t op, struct iovec *parts, int npar
         (!(resp->flags & EMS_FRAME_RESPONSE) || resp->request_id != req.request_id ||
          (resp->status == 0 && resp->opcode != op)))
         rc = -EPROTO;
-    if (rc == 0 && resp->status != EMS_STATUS_OK)
+    if (rc == 0 && resp->status != EMS_STATUS_OK) {
         rc = status_errno(resp->status);
+        if (resp->status == EMS_STATUS_UNSUPPORTED_VERSION)
+            read_peer_range(conn, resp, deadline);
+    }
     if (rc < 0)
         conn_fail(conn);
     return rc;
@@ -217,8 +242,8 @@ static int handshake(ems_conn_t *conn, const ems_conn_config_t *cfg, uint64_t de
         return -EINVAL;
     }
     uint8_t hello[8 + EMS_TENANT_MAX];
-    ems_put16(hello, EMS_PROTO_VERSION_MIN);
-    ems_put16(hello + 2, EMS_PROTO_VERSION_MAX);
+    ems_put16(hello, conn->proto_min);
+    ems_put16(hello + 2, conn->proto_max);
     ems_put16(hello + 4, cfg->role);
     ems_put16(hello + 6, (uint16_t)tlen);
     memcpy(hello + 8, cfg->tenant, tlen);
@@ -226,7 +251,16 @@ static int handshake(ems_conn_t *conn, const ems_conn_config_t *cfg, uint64_t de
     ems_frame_t resp;
     int rc = call(conn, EMS_OP_HELLO, &part, 1, deadline, 4 + EMS_CHALLENGE_BYTES, &resp);
     if (rc == -EPROTONOSUPPORT) {
-        say(error, error_len, "the server speaks no protocol version this client speaks");
+        char text[192];
+        if (conn->peer_max)
+            snprintf(text, sizeof text, "no protocol version in common: this client speaks "
+                     "versions %u-%u, the server %u-%u", conn->proto_min, conn->proto_max,
+                     conn->peer_min, conn->peer_max);
+        else
+            snprintf(text, sizeof text, "no protocol version in common: this client speaks "
+                     "versions %u-%u, the server did not send its range (a release before "
+                     "version 2 speaks only version 1)", conn->proto_min, conn->proto_max);
+        say(error, error_len, text);
         return rc;
     }
     if (rc == -EBUSY) {
@@ -238,7 +272,17 @@ static int handshake(ems_conn_t *conn, const ems_conn_config_t *cfg, uint64_t de
                                             : "the handshake failed");
         return rc;
     }
-    conn->version = ems_get16(conn->buf);
+    uint16_t version = ems_get16(conn->buf);
+    if (version < conn->proto_min || version > conn->proto_max || resp.version != version) {
+        char text[160];
+        snprintf(text, sizeof text, "the server agreed on protocol version %u in a frame of "
+                 "version %u; this client speaks %u-%u", version, resp.version,
+                 conn->proto_min, conn->proto_max);
+        say(error, error_len, text);
+        conn_fail(conn);
+        return -EPROTO;
+    }
+    conn->version = version;
     int auth_required = ems_get16(conn->buf + 2) != 0;
     if (!auth_required)
         return 0;
@@ -271,6 +315,21 @@ int ems_conn_open(const ems_conn_config_t *cfg, ems_conn_t **out, char *error, s
     conn->is_local = cfg->unix_path != NULL;
     conn->next_id = 1;
     conn->max_payload = cfg->max_payload ? cfg->max_payload : (64u << 20);
+    conn->proto_min = cfg->proto_min;
+    conn->proto_max = cfg->proto_max;
+    if (conn->proto_min == 0 && conn->proto_max == 0) {
+        conn->proto_min = EMS_PROTO_VERSION_MIN;
+        conn->proto_max = EMS_PROTO_VERSION_MAX;
+    }
+    if (conn->proto_min < EMS_PROTO_VERSION_MIN || conn->proto_max > EMS_PROTO_VERSION_MAX ||
+        conn->proto_min > conn->proto_max) {
+        char text[128];
+        snprintf(text, sizeof text, "protocol range %u-%u is invalid: this build speaks %u-%u",
+                 cfg->proto_min, cfg->proto_max, EMS_PROTO_VERSION_MIN, EMS_PROTO_VERSION_MAX);
+        say(error, error_len, text);
+        free(conn);
+        return -EINVAL;
+    }
 
     int rc = connect_socket(cfg, deadline, &conn->fd);
     if (rc < 0) {
@@ -497,6 +556,22 @@ int ems_conn_stats(ems_conn_t *conn, char *buf, size_t len, uint32_t timeout_ms)
     return 0;
 }
 
+int ems_conn_drain(ems_conn_t *conn, int drain, uint32_t *in_flight, uint32_t timeout_ms)
+{
+    if (conn->fd < 0)
+        return -ENOTCONN;
+    if (conn->version < 2)
+        return -EPROTONOSUPPORT;
+    uint8_t body[4];
+    ems_put32(body, drain ? 1 : 0);
+    struct iovec part = {body, sizeof body};
+    ems_frame_t resp;
+    int rc = call(conn, EMS_OP_DRAIN, &part, 1, ems_deadline_in(timeout_ms), 4, &resp);
+    if (rc == 0)
+        *in_flight = ems_get32(conn->buf);
+    return rc;
+}
+
 int ems_conn_ping(ems_conn_t *conn, uint32_t timeout_ms)
 {
     uint8_t token[8];
@@ -546,7 +621,8 @@ int ems_conn_local_attach(ems_conn_t *conn, int *fd, uint32_t timeout_ms)
     struct cmsghdr *cmsg = got > 0 ? CMSG_FIRSTHDR(&msg) : NULL;
     ems_frame_t resp;
     if (got != (ssize_t)sizeof in || !cmsg || cmsg->cmsg_type != SCM_RIGHTS ||
-        ems_frame_decode(in, conn->max_payload, &resp) < 0 || resp.status != EMS_STATUS_OK) {
+        ems_frame_decode(in, conn->max_payload, conn->version, conn->version, &resp) < 0 ||
+        resp.status != EMS_STATUS_OK) {
         if (cmsg && cmsg->cmsg_type == SCM_RIGHTS) {
             int stray;
             memcpy(&stray, CMSG_DATA(cmsg), sizeof stray);

@@ -18,7 +18,7 @@ void ems_frame_encode(const ems_frame_t *frame, uint8_t out[EMS_FRAME_HEADER_BYT
 }
 
 int ems_frame_decode(const uint8_t in[EMS_FRAME_HEADER_BYTES], uint32_t max_payload,
-                     ems_frame_t *frame) {
+                     uint16_t version_min, uint16_t version_max, ems_frame_t *frame) {
     if (ems_get32(in + 0) != EMS_FRAME_MAGIC || ems_get32(in + 28) != ems_crc32c(0, in, 28))
         return -EPROTO;
 
@@ -31,9 +31,10 @@ int ems_frame_decode(const uint8_t in[EMS_FRAME_HEADER_BYTES], uint32_t max_payl
         .status = ems_get16(in + 24),
         .flags = ems_get16(in + 26),
     };
-    if (f.version < EMS_PROTO_VERSION_MIN || f.version > EMS_PROTO_VERSION_MAX)
+    if (f.version < version_min || f.version > version_max)
         return -EPROTONOSUPPORT;
-    if (f.opcode < EMS_OP_PING || f.opcode > EMS_OP_LAST || (f.flags & ~EMS_FRAME_RESPONSE))
+    if (f.opcode < EMS_OP_PING || f.opcode > ems_proto_last_opcode(f.version) ||
+        (f.flags & ~EMS_FRAME_RESPONSE))
         return -EBADMSG;
     if (!(f.flags & EMS_FRAME_RESPONSE) && f.status != EMS_STATUS_OK)
         return -EBADMSG;   /* only responses carry a status */
@@ -46,10 +47,15 @@ int ems_frame_decode(const uint8_t in[EMS_FRAME_HEADER_BYTES], uint32_t max_payl
     return 0;
 }
 
-int ems_proto_negotiate(uint16_t peer_min, uint16_t peer_max, uint16_t *version) {
-    uint16_t low = peer_min > EMS_PROTO_VERSION_MIN ? peer_min : EMS_PROTO_VERSION_MIN;
-    uint16_t high = peer_max < EMS_PROTO_VERSION_MAX ? peer_max : EMS_PROTO_VERSION_MAX;
-    if (peer_min > peer_max || low > high)
+uint16_t ems_proto_last_opcode(uint16_t version) {
+    return version >= 2 ? EMS_OP_DRAIN : EMS_OP_PREFETCH;
+}
+
+int ems_proto_negotiate(uint16_t own_min, uint16_t own_max, uint16_t peer_min,
+                        uint16_t peer_max, uint16_t *version) {
+    uint16_t low = peer_min > own_min ? peer_min : own_min;
+    uint16_t high = peer_max < own_max ? peer_max : own_max;
+    if (own_min > own_max || peer_min > peer_max || low > high)
         return -EPROTONOSUPPORT;
     *version = high;
     return 0;

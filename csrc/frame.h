@@ -17,7 +17,13 @@
  * Decoding checks the header in this order and returns the first failure, so a caller can
  * name it: magic and header_crc (-EPROTO), version (-EPROTONOSUPPORT), opcode and flags
  * (-EBADMSG), payload_len against the receiver's limit (-EMSGSIZE). The payload checksum
- * is checked by the receiver once the payload is in place. */
+ * is checked by the receiver once the payload is in place.
+ *
+ * Versions: a build speaks EMS_PROTO_VERSION_MIN to EMS_PROTO_VERSION_MAX, and a server or
+ * client may be restricted to part of that range when it starts. Version 1 is the first,
+ * and version 2 adds the DRAIN opcode. The header and the HELLO payload have the same layout
+ * in every version, so that two builds can always negotiate, or reject each other with a
+ * clear status. */
 #ifndef EMS_FRAME_H
 #define EMS_FRAME_H
 
@@ -27,7 +33,7 @@
 #define EMS_FRAME_MAGIC 0x31534D45u   /* "EMS1" in wire byte order */
 #define EMS_FRAME_HEADER_BYTES 32
 #define EMS_PROTO_VERSION_MIN 1       /* oldest version this build speaks */
-#define EMS_PROTO_VERSION_MAX 1       /* newest version this build speaks */
+#define EMS_PROTO_VERSION_MAX 2       /* newest version this build speaks */
 #define EMS_FRAME_RESPONSE 0x0001u
 
 typedef enum {
@@ -47,7 +53,8 @@ typedef enum {
     EMS_OP_LOCAL_COMMIT = 14,  /* local socket only: publish the reserved slots */
     EMS_OP_PROTECT = 15,       /* set (arg 1) or clear (arg 0) the evict-last hint */
     EMS_OP_PREFETCH = 16,      /* start loading keys the pool lacks from a lower tier */
-    EMS_OP_LAST = EMS_OP_PREFETCH,
+    EMS_OP_DRAIN = 17,         /* version 2: stop storing new blocks before a restart */
+    EMS_OP_LAST = EMS_OP_DRAIN,
 } ems_opcode_t;
 
 typedef enum {
@@ -74,12 +81,19 @@ typedef struct {
 void ems_frame_encode(const ems_frame_t *frame, uint8_t out[EMS_FRAME_HEADER_BYTES]);
 
 /* Parse a 32-byte header; 0 on success, else a negative errno (see above). `frame` is
- * filled only on success. max_payload is the largest payload the receiver accepts. */
+ * filled only on success. max_payload is the largest payload the receiver accepts. The
+ * frame's version must be in [version_min, version_max], and its opcode one that the
+ * frame's version has (ems_proto_last_opcode). */
 int ems_frame_decode(const uint8_t in[EMS_FRAME_HEADER_BYTES], uint32_t max_payload,
-                     ems_frame_t *frame);
+                     uint16_t version_min, uint16_t version_max, ems_frame_t *frame);
 
-/* Pick the newest version both sides speak, given the peer's range [peer_min, peer_max].
- * Returns 0 and sets *version, or returns -EPROTONOSUPPORT when the ranges do not meet. */
-int ems_proto_negotiate(uint16_t peer_min, uint16_t peer_max, uint16_t *version);
+/* The highest opcode of protocol `version`: PREFETCH in version 1, DRAIN from version 2. */
+uint16_t ems_proto_last_opcode(uint16_t version);
+
+/* Pick the newest version in both this side's range [own_min, own_max] and the peer's
+ * [peer_min, peer_max]. Returns 0 and sets *version, or returns -EPROTONOSUPPORT when the
+ * ranges do not meet or either is reversed. */
+int ems_proto_negotiate(uint16_t own_min, uint16_t own_max, uint16_t peer_min,
+                        uint16_t peer_max, uint16_t *version);
 
 #endif

@@ -24,6 +24,7 @@
 #include "crc32c.h"
 #include "netio.h"
 #include "server_internal.h"
+#include "wire.h"
 
 #define EMS_ACCEPT_POLL_MS 200
 
@@ -134,6 +135,16 @@ uint16_t ems_server_port(const ems_server_t *server)
     return server->port;
 }
 
+void ems_server_set_draining(ems_server_t *server, int draining)
+{
+    atomic_store(&server->draining, draining ? 1 : 0);
+}
+
+int ems_server_draining(const ems_server_t *server)
+{
+    return atomic_load(&server->draining);
+}
+
 #define LOAD(field) atomic_load_explicit(&server->count.field, memory_order_relaxed)
 
 void ems_server_stats(ems_server_t *server, ems_server_stats_t *s)
@@ -223,8 +234,10 @@ int ems_srv_respond(ems_srv_conn_t *conn, const ems_frame_t *req, uint16_t statu
         len += parts[i].iov_len;
         crc = ems_crc32c(crc, parts[i].iov_base, parts[i].iov_len);
     }
+    /* Before the handshake the response carries the request's version, which the client
+     * can decode whatever range this server speaks. */
     ems_frame_t resp = {
-        .version = conn->version ? conn->version : EMS_PROTO_VERSION_MAX,
+        .version = conn->version ? conn->version : req->version,
         .opcode = req->opcode,
         .request_id = req->request_id,
         .payload_len = (uint32_t)len,
@@ -296,7 +309,11 @@ static const char *decode_error_name(int rc)
 static void conn_free(ems_srv_conn_t *conn)
 {
     ems_server_t *server = conn->server;
-    for (uint64_t i = 0; i < conn->npending; i++)
+    /* A local client may still be copying into the slots of its pending reservation when
+     * the server stops: it had the LOCAL_RESERVE response and has not sent LOCAL_COMMIT.
+     * Freeing a slot under that copy would let it overwrite the free-list link stored in
+     * the slot, so on stop the slots stay reserved until the pool closes. */
+    for (uint64_t i = 0; i < conn->npending && !atomic_load(&server->stopping); i++)
         if (conn->pending[i].data && !conn->pending[i].exists)
             ems_pool_abort(server->cfg.pool, &conn->pending[i]);
     free(conn->pending);
@@ -356,6 +373,34 @@ static int read_header(ems_srv_conn_t *conn, uint8_t header[EMS_FRAME_HEADER_BYT
     return rc;
 }
 
+/* Responds to a header that failed to decode, and logs why. The response to an
+ * unsupported version carries this server's range as the payload (u16 min, u16 max), so
+ * that the client can name both ranges. */
+static void refuse_frame(ems_srv_conn_t *conn, const uint8_t header[EMS_FRAME_HEADER_BYTES],
+                         int rc)
+{
+    ems_server_t *server = conn->server;
+    atomic_fetch_add_explicit(&server->count.bad_frames, 1, memory_order_relaxed);
+    ems_frame_t echo = {.opcode = EMS_OP_PING};
+    if (rc != -EPROTONOSUPPORT) {
+        ems_srv_log(server, "refused a frame from %s: %s; closing the connection", conn->peer,
+                    decode_error_name(rc));
+        echo.version = server->cfg.proto_min;
+        ems_srv_respond(conn, &echo, status_of_decode_error(rc), NULL, 0);
+        return;
+    }
+    echo.version = ems_get16(header + 4);   /* the magic and header checksum are valid */
+    ems_srv_log(server, "refused a frame from %s: %s %u (this connection accepts %u-%u); "
+                "closing the connection", conn->peer, decode_error_name(rc), echo.version,
+                conn->hello_done ? conn->version : server->cfg.proto_min,
+                conn->hello_done ? conn->version : server->cfg.proto_max);
+    uint8_t range[4];
+    ems_put16(range, server->cfg.proto_min);
+    ems_put16(range + 2, server->cfg.proto_max);
+    struct iovec part = {range, sizeof range};
+    ems_srv_respond(conn, &echo, status_of_decode_error(rc), &part, 1);
+}
+
 static void *conn_main(void *arg)
 {
     ems_srv_conn_t *conn = arg;
@@ -376,20 +421,29 @@ static void *conn_main(void *arg)
         atomic_fetch_add_explicit(&server->count.bytes_in, sizeof header, memory_order_relaxed);
         uint64_t started = ems_now_ns();   /* a request's duration starts with its header */
 
+        /* After the handshake every frame carries the agreed version. Before it, a HELLO
+         * of any version is read, because its layout is the same in every version and
+         * op_hello rejects a range it cannot meet. Other frames need a version of the
+         * server's range. */
+        uint16_t low = server->cfg.proto_min, high = server->cfg.proto_max;
+        if (conn->hello_done) {
+            low = high = conn->version;
+        } else if (ems_get16(header + 6) == EMS_OP_HELLO) {
+            low = 0;
+            high = UINT16_MAX;
+        }
         ems_frame_t req;
-        rc = ems_frame_decode(header, server->cfg.max_payload, &req);
+        rc = ems_frame_decode(header, server->cfg.max_payload, low, high, &req);
         if (rc == 0 && (req.flags & EMS_FRAME_RESPONSE))
             rc = -EBADMSG;
         if (rc < 0) {
-            atomic_fetch_add_explicit(&server->count.bad_frames, 1, memory_order_relaxed);
-            ems_srv_log(server, "refused a frame from %s: %s; closing the connection",
-                        conn->peer, decode_error_name(rc));
-            ems_frame_t echo = {.opcode = EMS_OP_PING};
-            ems_srv_respond(conn, &echo, status_of_decode_error(rc), NULL, 0);
+            refuse_frame(conn, header, rc);
             break;
         }
         atomic_fetch_add_explicit(&server->count.requests, 1, memory_order_relaxed);
+        atomic_fetch_add(&server->active, 1);
         rc = ems_srv_dispatch(conn, &req);
+        atomic_fetch_sub(&server->active, 1);
         ems_latency_observe(&server->count.latency[req.opcode], ems_now_ns() - started);
         if (rc < 0)
             break;
@@ -417,7 +471,9 @@ static void refuse_busy(ems_server_t *server, int fd, const char *peer)
     atomic_fetch_add_explicit(&server->count.refused_busy, 1, memory_order_relaxed);
     ems_srv_log(server, "refused a connection from %s: %u connections open (the limit)", peer,
                 server->cfg.max_connections);
-    ems_frame_t resp = {.version = EMS_PROTO_VERSION_MAX, .opcode = EMS_OP_PING,
+    /* No request has been read, so the oldest version served is the best guess of one
+     * the client decodes. */
+    ems_frame_t resp = {.version = server->cfg.proto_min, .opcode = EMS_OP_PING,
                         .status = EMS_STATUS_BUSY, .flags = EMS_FRAME_RESPONSE};
     uint8_t header[EMS_FRAME_HEADER_BYTES];
     ems_frame_encode(&resp, header);
@@ -595,10 +651,20 @@ int ems_server_start(const ems_server_config_t *config, ems_server_t **out)
     if (!config->pool || !config->pool->owner || !config->host || config->max_payload < 4096 ||
         config->max_connections == 0)
         return -EINVAL;
+    uint16_t proto_min = config->proto_min, proto_max = config->proto_max;
+    if (proto_min == 0 && proto_max == 0) {
+        proto_min = EMS_PROTO_VERSION_MIN;
+        proto_max = EMS_PROTO_VERSION_MAX;
+    }
+    if (proto_min < EMS_PROTO_VERSION_MIN || proto_max > EMS_PROTO_VERSION_MAX ||
+        proto_min > proto_max)
+        return -EINVAL;
     ems_server_t *server = calloc(1, sizeof *server);
     if (!server)
         return -ENOMEM;
     server->cfg = *config;
+    server->cfg.proto_min = proto_min;
+    server->cfg.proto_max = proto_max;
     server->tcp_fd = server->unix_fd = -1;
     pthread_mutex_init(&server->conns_lock, NULL);
     pthread_cond_init(&server->conns_idle, NULL);

@@ -26,6 +26,7 @@ typedef struct ems_srv_counters {
     _Atomic uint64_t status_errors[EMS_STATUS_INTERNAL + 1];   /* by response status */
     _Atomic uint64_t timeouts, transport_errors;
     ems_latency_t latency[EMS_OP_LAST + 1];                    /* by opcode; [0] unused */
+    _Atomic uint64_t hellos[EMS_PROTO_VERSION_MAX + 1][2];  /* by agreed version and role */
 } ems_srv_counters_t;
 
 typedef struct ems_srv_conn {
@@ -82,6 +83,8 @@ struct ems_server {
 
     ems_directory_t dir;
     ems_srv_counters_t count;
+    atomic_int draining;           /* set by DRAIN: PUT and LOCAL_RESERVE store nothing */
+    _Atomic uint64_t active;       /* requests being dispatched now, for DRAIN's response */
 
     pthread_mutex_t log_lock;
     char log[EMS_LOG_BYTES];

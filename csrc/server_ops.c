@@ -110,13 +110,21 @@ static int op_hello(ems_srv_conn_t *conn, const ems_frame_t *req)
                       "tenant must be 1 to 64 printable ASCII characters");
     if (role > EMS_ROLE_NODE)
         return refuse(conn, req, EMS_STATUS_BAD_REQUEST, "unknown role");
+    const ems_server_config_t *cfg = &conn->server->cfg;
     uint16_t version;
-    if (ems_proto_negotiate(vmin, vmax, &version) < 0) {
-        char why[96];
-        snprintf(why, sizeof why, "client speaks versions %u-%u, this server %u-%u", vmin,
-                 vmax, EMS_PROTO_VERSION_MIN, EMS_PROTO_VERSION_MAX);
-        return refuse(conn, req, EMS_STATUS_UNSUPPORTED_VERSION, why);
+    if (ems_proto_negotiate(cfg->proto_min, cfg->proto_max, vmin, vmax, &version) < 0) {
+        /* The response carries this server's range, so the client can name both. */
+        ems_srv_log(conn->server, "refused opcode %u from %s: client speaks versions %u-%u, "
+                    "this server %u-%u; closing", req->opcode, conn->peer, vmin, vmax,
+                    cfg->proto_min, cfg->proto_max);
+        uint8_t range[4];
+        ems_put16(range, cfg->proto_min);
+        ems_put16(range + 2, cfg->proto_max);
+        struct iovec part = {range, sizeof range};
+        ems_srv_respond(conn, req, EMS_STATUS_UNSUPPORTED_VERSION, &part, 1);
+        return -1;
     }
+    COUNT(conn, hellos[version][role], 1);
 
     memcpy(conn->tenant, conn->in + 8, tlen);
     conn->tenant[tlen] = 0;
@@ -353,11 +361,16 @@ static int op_put(ems_srv_conn_t *conn, const ems_frame_t *req)
         free(results);
         return refuse(conn, req, EMS_STATUS_INTERNAL, "out of memory");
     }
+    int draining = atomic_load(&server->draining);
     for (uint64_t i = 0; i < n; i++) {
         uint64_t length = ems_get64(lengths + 8 * i);
-        results[i] = length > max_block ? -EMSGSIZE
-                                        : ems_pool_reserve(server->cfg.pool,
-                                                           conn->keys + i * EMS_KEY_BYTES, length, &r[i]);
+        if (draining)
+            results[i] = -ESHUTDOWN;
+        else if (length > max_block)
+            results[i] = -EMSGSIZE;
+        else
+            results[i] = ems_pool_reserve(server->cfg.pool, conn->keys + i * EMS_KEY_BYTES,
+                                          length, &r[i]);
         if (results[i] == 0 && r[i].exists)
             results[i] = 1;
     }
@@ -549,7 +562,56 @@ static int op_dir_lookup(ems_srv_conn_t *conn, const ems_frame_t *req)
     return respond_ok(conn, req, conn->out, 4 * n, NULL, 0);
 }
 
+/* ---- draining ---------------------------------------------------------------------- */
+
+/* Payload u32: 1 starts draining, 0 ends it. Responds with u32: the requests that other
+ * connections are handling at this moment, so that the caller can wait for them to end
+ * before it stops the server. */
+static int op_drain(ems_srv_conn_t *conn, const ems_frame_t *req)
+{
+    uint32_t on = req->payload_len == 4 ? ems_get32(conn->in) : UINT32_MAX;
+    if (on > 1)
+        return reject(conn, req, EMS_STATUS_BAD_REQUEST, "DRAIN payload must be u32 0 or 1");
+    ems_server_t *server = conn->server;
+    if (atomic_exchange(&server->draining, (int)on) != (int)on)
+        ems_srv_log(server, on ? "draining, asked by %s: PUT and LOCAL_RESERVE store nothing "
+                                 "until the restart or the end of draining"
+                               : "draining ended, asked by %s: storing new blocks again",
+                    conn->peer);
+    uint64_t active = atomic_load(&server->active);
+    uint8_t reply[4];
+    ems_put32(reply, active > 1 ? (uint32_t)(active - 1) : 0);   /* not this request */
+    return respond_ok(conn, req, reply, sizeof reply, NULL, 0);
+}
+
 /* ---- statistics -------------------------------------------------------------------- */
+
+/* Replaces the closing brace of the JSON object of `len` bytes in buf with the protocol
+ * fields: the range served, whether the server is draining, and the handshakes agreed per
+ * version and role ("hellos": {"1": {"client": n, "node": n}, ...}). Returns the new
+ * length, or len when they do not fit in `cap`. */
+static int append_protocol_stats(ems_server_t *server, char *buf, int len, int cap)
+{
+    if (len < 1 || len >= cap)
+        return len;
+    int at = len - 1;   /* the closing brace */
+    at += snprintf(buf + at, (size_t)(cap - at), ",\"proto_min\":%u,\"proto_max\":%u,"
+                   "\"draining\":%d,\"hellos\":{", server->cfg.proto_min,
+                   server->cfg.proto_max, atomic_load(&server->draining));
+    for (unsigned v = EMS_PROTO_VERSION_MIN; v <= EMS_PROTO_VERSION_MAX && at < cap; v++)
+        at += snprintf(buf + at, (size_t)(cap - at), "%s\"%u\":{\"client\":%llu,\"node\":%llu}",
+                       v > EMS_PROTO_VERSION_MIN ? "," : "", v,
+                       (unsigned long long)atomic_load(&server->count.hellos[v][EMS_ROLE_CLIENT]),
+                       (unsigned long long)atomic_load(&server->count.hellos[v][EMS_ROLE_NODE]));
+    if (at < cap)
+        at += snprintf(buf + at, (size_t)(cap - at), "}}");
+    if (at >= cap) {   /* cut short: keep the object as it was */
+        buf[len - 1] = '}';
+        buf[len] = 0;
+        return len;
+    }
+    return at;
+}
 
 static int op_stats(ems_srv_conn_t *conn, const ems_frame_t *req)
 {
@@ -586,6 +648,7 @@ static int op_stats(ems_srv_conn_t *conn, const ems_frame_t *req)
         (unsigned long long)s.miss_keys, (unsigned long long)s.miss_found,
         atomic_load_explicit(&conn->server->miss_installed, memory_order_relaxed) ? 1 : 0,
         p.suspended, (unsigned long long)p.suspended_drops);
+    len = append_protocol_stats(conn->server, (char *)conn->out, len, 2048);
     return respond_ok(conn, req, conn->out, (size_t)len, NULL, 0);
 }
 
@@ -659,10 +722,12 @@ static int op_local_reserve(ems_srv_conn_t *conn, const ems_frame_t *req)
     /* Reply: results[n] then the data offset of each slot from the arena base. */
     ems_pool_t *pool = conn->server->cfg.pool;
     const uint8_t *lengths = conn->in + BATCH_HEAD + n * EMS_KEY_BYTES;
+    int draining = atomic_load(&conn->server->draining);
     for (uint64_t i = 0; i < n; i++) {
         ems_reservation_t *r = &conn->pending[i];
-        int64_t rc = ems_pool_reserve(pool, conn->keys + i * EMS_KEY_BYTES,
-                                      ems_get64(lengths + 8 * i), r);
+        int64_t rc = draining ? -ESHUTDOWN
+                              : ems_pool_reserve(pool, conn->keys + i * EMS_KEY_BYTES,
+                                                 ems_get64(lengths + 8 * i), r);
         if (rc == 0 && r->exists)
             rc = 1;
         if (rc != 0)
@@ -717,12 +782,14 @@ int ems_srv_dispatch(ems_srv_conn_t *conn, const ems_frame_t *req)
         return refuse(conn, req, EMS_STATUS_UNAUTHENTICATED, "request before authentication");
     if (local_op && !conn->is_local)
         return refuse(conn, req, EMS_STATUS_BAD_REQUEST, "local operation on a TCP connection");
-    int node_op = op == EMS_OP_DIR_REGISTER;
+    int node_op = op == EMS_OP_DIR_REGISTER || op == EMS_OP_DRAIN;
     int client_op = op == EMS_OP_GET || op == EMS_OP_PUT || op == EMS_OP_EXISTS ||
                     op == EMS_OP_MATCH_PREFIX || op == EMS_OP_DELETE || op == EMS_OP_PROTECT ||
                     op == EMS_OP_PREFETCH || local_op;
     if (node_op && conn->role != EMS_ROLE_NODE)
-        return refuse(conn, req, EMS_STATUS_UNAUTHENTICATED, "directory registration needs the node role");
+        return refuse(conn, req, EMS_STATUS_UNAUTHENTICATED,
+                      op == EMS_OP_DRAIN ? "DRAIN needs the node role"
+                                         : "directory registration needs the node role");
     if (client_op && conn->role != EMS_ROLE_CLIENT)
         return refuse(conn, req, EMS_STATUS_BAD_REQUEST, "block operation on a node connection");
 
@@ -755,6 +822,7 @@ int ems_srv_dispatch(ems_srv_conn_t *conn, const ems_frame_t *req)
     case EMS_OP_DIR_REGISTER: return op_dir_register(conn, req);
     case EMS_OP_DIR_LOOKUP: return op_dir_lookup(conn, req);
     case EMS_OP_STATS: return op_stats(conn, req);
+    case EMS_OP_DRAIN: return op_drain(conn, req);
     case EMS_OP_LOCAL_ATTACH: return op_local_attach(conn, req);
     case EMS_OP_LOCAL_RESERVE: return op_local_reserve(conn, req);
     case EMS_OP_LOCAL_COMMIT: return op_local_commit(conn, req);

@@ -13,6 +13,13 @@
  * does not find in the pool. GET then loads them, and EXISTS and MATCH_PREFIX count the
  * keys the handler reports as available.
  *
+ * Versions: each side speaks a range of protocol versions (the build's, or a part of it
+ * set in the config) and HELLO agrees on the newest one both speak. A connection then uses
+ * only that version's frames and opcodes.
+ *
+ * Draining (version 2): a DRAIN request makes the server store no new block until it is
+ * ended, so that writers turn to other nodes before this one restarts. Reads go on.
+ *
  * Errors follow the core's convention: 0 or a count on success, a negative errno on
  * failure. Client calls return -ETIMEDOUT when the deadline passed and -ECONNRESET,
  * -EPIPE or -ECONNREFUSED when the peer is gone; after any transport error the connection
@@ -59,6 +66,8 @@ typedef struct ems_server_config {
     uint32_t directory_capacity; /* directory entries this shard can contain */
     uint32_t idle_timeout_ms;    /* a connection silent this long is closed; 0 = never */
     uint32_t io_timeout_ms;      /* a frame must arrive whole within this */
+    uint16_t proto_min;          /* protocol versions served; 0 and 0 = the build's range */
+    uint16_t proto_max;
 } ems_server_config_t;
 
 typedef struct ems_server_stats {
@@ -103,15 +112,18 @@ typedef enum {
 typedef void (*ems_miss_fn)(void *ctx, int mode, const uint8_t *keys, uint64_t n,
                             uint8_t *found);
 
-/* Starts listening and serving. Returns 0, -EINVAL for a bad config, or the errno of
- * socket/bind/listen/pthread_create. */
+/* Starts listening and serving. Returns 0, -EINVAL for a bad config (a protocol range
+ * outside the build's among them), or the errno of socket/bind/listen/pthread_create. */
 int ems_server_start(const ems_server_config_t *config, ems_server_t **out);
 
 /* The TCP port the server listens on (the chosen one when config.port was 0). */
 uint16_t ems_server_port(const ems_server_t *server);
 
-/* Stops accepting, closes every connection (aborting their open reservations), joins the
- * threads and frees the server. The pool stays open. */
+/* Stops accepting, closes every connection, joins the threads and frees the server. The
+ * pool stays open. A PUT's reservations are aborted, but a local client's pending
+ * reservations (LOCAL_RESERVE without LOCAL_COMMIT) are not, because the client may still
+ * be copying into their slots.
+ * NOTE: those slots stay reserved, and count as used, until the pool closes. */
 void ems_server_stop(ems_server_t *server);
 
 void ems_server_stats(ems_server_t *server, ems_server_stats_t *stats);
@@ -128,6 +140,11 @@ int ems_server_latency(ems_server_t *server, uint16_t opcode, ems_latency_snapsh
  * handler, which would wait for itself. ems_server_stop joins every connection thread, so
  * no handler runs once stop has returned. */
 void ems_server_set_miss_handler(ems_server_t *server, ems_miss_fn fn, void *ctx);
+
+/* Starts (draining = 1) or ends draining, as a DRAIN request does: while draining, PUT and
+ * LOCAL_RESERVE store nothing and return -ESHUTDOWN for every key. */
+void ems_server_set_draining(ems_server_t *server, int draining);
+int ems_server_draining(const ems_server_t *server);
 
 /* Copies up to `len` bytes of pending log lines (each ending in '\n') into buf and removes
  * them; returns the byte count. The server logs every error it survives here, so the
@@ -164,17 +181,22 @@ typedef struct ems_conn_config {
     uint16_t role;               /* EMS_ROLE_CLIENT or EMS_ROLE_NODE */
     uint32_t max_payload;        /* largest response payload accepted */
     uint32_t timeout_ms;         /* deadline of connect + handshake */
+    uint16_t proto_min;          /* protocol versions offered; 0 and 0 = the build's range */
+    uint16_t proto_max;
 } ems_conn_config_t;
 
 /* Connects, negotiates the version and authenticates. Returns 0, -ECONNREFUSED,
- * -ETIMEDOUT, -EACCES (wrong or missing secret), -EPROTONOSUPPORT, or another negative
- * errno. On failure `error` (may be NULL) receives a sentence naming the cause. */
+ * -ETIMEDOUT, -EACCES (wrong or missing secret), -EPROTONOSUPPORT (no version in common;
+ * the error names both ranges when the server sent its own), -EINVAL (a protocol range
+ * outside the build's among other causes), or another negative errno. On failure `error`
+ * (may be NULL) receives a sentence naming the cause. */
 int ems_conn_open(const ems_conn_config_t *config, ems_conn_t **out, char *error,
                   size_t error_len);
 void ems_conn_close(ems_conn_t *conn);
 
 /* 1 while the connection is usable. */
 int ems_conn_alive(const ems_conn_t *conn);
+/* The agreed protocol version. */
 uint16_t ems_conn_version(const ems_conn_t *conn);
 
 /* Batched operations. Keys are n contiguous 32-byte keys (not stored keys: the server
@@ -209,6 +231,11 @@ int ems_conn_dir_register(ems_conn_t *conn, const uint8_t *stored_keys, uint64_t
 /* holders[i] = holder id of key i, or EMS_HOLDER_NONE. */
 int ems_conn_dir_lookup(ems_conn_t *conn, const uint8_t *keys, uint64_t n, uint32_t *holders,
                         uint32_t timeout_ms);
+/* Node role, version 2: starts (drain = 1) or ends draining on the server, and sets
+ * *in_flight to the requests its other connections are handling at that moment. A request
+ * counts until its thread is done with it, which may be just after its response arrived.
+ * Returns -EPROTONOSUPPORT, sending nothing, on a connection of version 1. */
+int ems_conn_drain(ems_conn_t *conn, int drain, uint32_t *in_flight, uint32_t timeout_ms);
 /* Writes the server's statistics as JSON (NUL-terminated) into buf. */
 int ems_conn_stats(ems_conn_t *conn, char *buf, size_t len, uint32_t timeout_ms);
 int ems_conn_ping(ems_conn_t *conn, uint32_t timeout_ms);

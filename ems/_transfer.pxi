@@ -32,7 +32,12 @@ cdef extern from "frame.h":
         EMS_OP_LOCAL_COMMIT
         EMS_OP_PROTECT
         EMS_OP_PREFETCH
+        EMS_OP_DRAIN
         EMS_OP_LAST
+
+    enum:
+        EMS_PROTO_VERSION_MIN
+        EMS_PROTO_VERSION_MAX
 
 
 cdef extern from "latency.h":
@@ -62,6 +67,8 @@ cdef extern from "transfer.h":
         uint32_t directory_capacity
         uint32_t idle_timeout_ms
         uint32_t io_timeout_ms
+        uint16_t proto_min
+        uint16_t proto_max
 
     ctypedef struct ems_server_stats_t:
         uint64_t connections, connections_open, refused_busy, auth_failures
@@ -93,6 +100,8 @@ cdef extern from "transfer.h":
         uint16_t role
         uint32_t max_payload
         uint32_t timeout_ms
+        uint16_t proto_min
+        uint16_t proto_max
 
     void ems_tenant_salt(const char *tenant, size_t len, uint8_t *salt) nogil
     void ems_tenant_keys(const uint8_t *salt, const uint8_t *keys, uint64_t n, uint8_t *out) nogil
@@ -104,6 +113,8 @@ cdef extern from "transfer.h":
     int ems_server_latency(ems_server_t *server, uint16_t opcode,
                            ems_latency_snapshot_t *out) nogil
     void ems_server_set_miss_handler(ems_server_t *server, ems_miss_fn fn, void *ctx) nogil
+    void ems_server_set_draining(ems_server_t *server, int draining) nogil
+    int ems_server_draining(const ems_server_t *server) nogil
     size_t ems_server_take_log(ems_server_t *server, char *buf, size_t len) nogil
     uint64_t ems_server_take_new_keys(ems_server_t *server, uint8_t *out, uint64_t max,
                                       uint64_t *dropped) nogil
@@ -137,6 +148,8 @@ cdef extern from "transfer.h":
                               uint32_t holder, uint32_t timeout_ms) nogil
     int ems_conn_dir_lookup(ems_conn_t *conn, const uint8_t *keys, uint64_t n,
                             uint32_t *holders, uint32_t timeout_ms) nogil
+    int ems_conn_drain(ems_conn_t *conn, int drain, uint32_t *in_flight,
+                       uint32_t timeout_ms) nogil
     int ems_conn_stats(ems_conn_t *conn, char *buf, size_t len, uint32_t timeout_ms) nogil
     int ems_conn_ping(ems_conn_t *conn, uint32_t timeout_ms) nogil
     int ems_conn_local_attach(ems_conn_t *conn, int *fd, uint32_t timeout_ms) nogil
@@ -156,11 +169,16 @@ OPCODES = {"PING": EMS_OP_PING, "HELLO": EMS_OP_HELLO, "AUTH": EMS_OP_AUTH,
            "DIR_REGISTER": EMS_OP_DIR_REGISTER, "DIR_LOOKUP": EMS_OP_DIR_LOOKUP,
            "STATS": EMS_OP_STATS, "LOCAL_ATTACH": EMS_OP_LOCAL_ATTACH,
            "LOCAL_RESERVE": EMS_OP_LOCAL_RESERVE, "LOCAL_COMMIT": EMS_OP_LOCAL_COMMIT,
-           "PROTECT": EMS_OP_PROTECT, "PREFETCH": EMS_OP_PREFETCH}
+           "PROTECT": EMS_OP_PROTECT, "PREFETCH": EMS_OP_PREFETCH,
+           "DRAIN": EMS_OP_DRAIN}
 OP_LAST = EMS_OP_LAST
 
 # Upper bounds of the request latency buckets (Server.latency), in seconds, ascending.
 LATENCY_BOUNDS_S = tuple(ems_latency_bounds_ns[i] / 1e9 for i in range(EMS_LATENCY_BOUNDS))
+
+# Protocol versions this build speaks (csrc/frame.h). docs/protocol.md lists what each adds.
+PROTO_VERSION_MIN = EMS_PROTO_VERSION_MIN
+PROTO_VERSION_MAX = EMS_PROTO_VERSION_MAX
 HOLDER_NONE = 0xffffffff
 DEFAULT_MAX_PAYLOAD = 64 << 20
 
@@ -186,6 +204,34 @@ def tenant_keys(str tenant, keys):
     with nogil:
         ems_tenant_keys(salt, batch.data, batch.n, dst)
     return out
+
+
+def protocol_range(proto_min=None, proto_max=None):
+    """Return the (min, max) protocol versions a Server or Connection speaks: the arguments,
+    else the environment variables EMS_PROTO_MIN and EMS_PROTO_MAX, else the build's range.
+    EMS_PROTO_MAX=1 makes a process speak version 1 only, as the previous release did: a
+    test fixture, and a pin while a cluster is upgraded. Raises ValueError for a version
+    outside the build's range or a reversed range."""
+    values = []
+    for name, value, default in (("EMS_PROTO_MIN", proto_min, PROTO_VERSION_MIN),
+                                 ("EMS_PROTO_MAX", proto_max, PROTO_VERSION_MAX)):
+        source = name.lower().removeprefix("ems_")
+        if value is None and os.environ.get(name):
+            value, source = os.environ[name], name
+        if value is None:
+            value = default
+        try:
+            value = int(value)
+        except ValueError:
+            raise ValueError(f"{source} {value!r} is not a protocol version (an integer)") \
+                from None
+        if not PROTO_VERSION_MIN <= value <= PROTO_VERSION_MAX:
+            raise ValueError(f"{source} {value} is outside this build's protocol versions "
+                             f"{PROTO_VERSION_MIN}-{PROTO_VERSION_MAX}")
+        values.append(value)
+    if values[0] > values[1]:
+        raise ValueError(f"protocol range {values[0]}-{values[1]} is reversed (min > max)")
+    return values[0], values[1]
 
 
 cdef bytes _tenant_bytes(str tenant):
@@ -282,6 +328,8 @@ cdef class Server:
     cdef ems_server_t *server
     cdef _CorePool pool
     cdef readonly uint32_t node_id
+    cdef readonly uint16_t proto_min     # protocol versions served (protocol_range)
+    cdef readonly uint16_t proto_max
     cdef Py_ssize_t _inflight     # calls using the server with the GIL released
     cdef bint _stopping
     cdef MissHook _hook           # ctx of the C miss handler; valid until __dealloc__ ends
@@ -299,10 +347,12 @@ cdef class Server:
     def __init__(self, _CorePool pool, str host="127.0.0.1", int port=0, unix_path=None,
                  secret=None, uint32_t node_id=0, uint32_t max_payload=DEFAULT_MAX_PAYLOAD,
                  uint32_t max_connections=256, uint32_t directory_capacity=1 << 20,
-                 uint32_t idle_timeout_ms=0, uint32_t io_timeout_ms=30000):
+                 uint32_t idle_timeout_ms=0, uint32_t io_timeout_ms=30000,
+                 proto_min=None, proto_max=None):
         cdef ems_server_config_t cfg
         cdef int rc
         pool._check_open()
+        low, high = protocol_range(proto_min, proto_max)
         if not pool.pool.owner:
             raise ValueError("a server needs the owner handle of its pool, not an attached one")
         if not 0 <= port <= 65535:
@@ -327,6 +377,8 @@ cdef class Server:
         cfg.directory_capacity = directory_capacity
         cfg.idle_timeout_ms = idle_timeout_ms
         cfg.io_timeout_ms = io_timeout_ms
+        cfg.proto_min = low
+        cfg.proto_max = high
         with nogil:
             rc = ems_server_start(&cfg, &self.server)
         if rc != 0:
@@ -335,6 +387,8 @@ cdef class Server:
             raise TransferError(-rc, f"cannot serve on {where}: {_errno_name(rc)}")
         self.pool = pool
         self.node_id = node_id
+        self.proto_min = low
+        self.proto_max = high
         pool._servers.add(self)
 
     def __dealloc__(self):
@@ -356,6 +410,18 @@ cdef class Server:
     @property
     def running(self):
         return self.server != NULL
+
+    @property
+    def draining(self):
+        """True while the server stores no new block (a DRAIN request or set_draining)."""
+        self._check()
+        return bool(ems_server_draining(self.server))
+
+    def set_draining(self, bint draining):
+        """Start or end draining: while draining, PUT and LOCAL_RESERVE store nothing and
+        answer -ESHUTDOWN per key. Reads go on."""
+        self._check()
+        ems_server_set_draining(self.server, draining)
 
     cdef int _check(self) except -1:
         if self.server == NULL:
@@ -546,12 +612,14 @@ cdef class Connection:
 
     def __init__(self, host=None, int port=0, unix_path=None, secret=None,
                  str tenant="default", str role="client",
-                 uint32_t max_payload=DEFAULT_MAX_PAYLOAD, uint32_t timeout_ms=2000):
+                 uint32_t max_payload=DEFAULT_MAX_PAYLOAD, uint32_t timeout_ms=2000,
+                 proto_min=None, proto_max=None):
         cdef ems_conn_config_t cfg
         cdef char error[256]
         cdef int rc
         if role not in ROLES:
             raise ValueError(f"role must be one of {sorted(ROLES)}, got {role!r}")
+        low, high = protocol_range(proto_min, proto_max)
         if (host is None) == (unix_path is None):
             raise ValueError("give either host and port or unix_path")
         cdef bytes tenant_b = _tenant_bytes(tenant)
@@ -575,6 +643,8 @@ cdef class Connection:
         cfg.role = ROLES[role]
         cfg.max_payload = max_payload
         cfg.timeout_ms = timeout_ms
+        cfg.proto_min = low
+        cfg.proto_max = high
         with nogil:
             rc = ems_conn_open(&cfg, &self.conn, error, sizeof(error))
         if rc != 0:
@@ -772,6 +842,23 @@ cdef class Connection:
             rc = ems_conn_dir_lookup(self.conn, batch.data, batch.n, dst, timeout_ms)
         self._check(rc, "DIR_LOOKUP")
         return list(memoryview(out).cast("I"))[:batch.n]
+
+    def drain(self, bint drain=True, uint32_t timeout_ms=1000):
+        """Node role, protocol version 2: start (or with drain=False end) draining on the
+        server, which then stores no new block. Returns the requests its other
+        connections are handling at that moment. Raises ProtocolVersionError on a
+        connection of version 1, without sending anything."""
+        cdef uint32_t in_flight = 0
+        cdef int rc
+        self._open()
+        with nogil:
+            rc = ems_conn_drain(self.conn, drain, &in_flight, timeout_ms)
+        if rc == -EPROTONOSUPPORT:
+            raise ProtocolVersionError(EPROTONOSUPPORT,
+                                       f"DRAIN on {self.address} needs protocol version 2; "
+                                       f"this connection agreed on {self.version}")
+        self._check(rc, "DRAIN")
+        return in_flight
 
     def stats(self, uint32_t timeout_ms=1000):
         """The server's statistics as a dict."""

@@ -405,8 +405,11 @@ def _ping(conn: _core.Connection, target: Target, timeout_ms: int) -> dict:
     conn.ping(timeout_ms=timeout_ms)
     ping_ms = (time.perf_counter() - start) * 1000
     stats = conn.stats(timeout_ms=timeout_ms)
-    return {"ping_ms": ping_ms, "capacity_bytes": stats["capacity_bytes"],
-            "free_bytes": stats["free_bytes"], "protocol": conn.version}
+    entry = {"ping_ms": ping_ms, "capacity_bytes": stats["capacity_bytes"],
+             "free_bytes": stats["free_bytes"], "protocol": conn.version}
+    if "proto_min" in stats:   # the range the daemon speaks, which static peers do not list
+        entry.update(proto_min=stats["proto_min"], proto_max=stats["proto_max"])
+    return entry
 
 
 def _node_entry(reply: Reply) -> dict:

@@ -13,6 +13,7 @@
     ems activate --credential ...  activate a cluster (python -m ems.manage.activate_cli)
     ems uninstall [--zookeeper ... --cluster ...]
                                    remove EMS from this host and the cluster (python -m ems.uninstall)
+    ems upgrade --restart-cmd ...  restart the daemons one at a time (python -m ems.upgrade)
 
 Each subcommand takes the options of the module it runs; `ems SUBCOMMAND --help` lists them.
 """
@@ -38,6 +39,8 @@ SUBCOMMANDS = {
                  "management service"),
     "uninstall": ("ems.uninstall", "stop this host's daemons, delete a cluster's ZooKeeper "
                   "records and remove spill directories"),
+    "upgrade": ("ems.upgrade", "rolling upgrade: drain and restart the daemons one at a "
+                "time, checking each comes back healthy"),
     "replay": ("ems.replay.__main__", "multi-turn replay of real conversations through vLLM"),
     "build-model": ("ems.tools.build_model", "build the small random-weight model and tokenizer"),
     "plan": ("ems.tools.plan", "KV-cache bytes of a model and the contexts each tier holds"),

@@ -9,7 +9,9 @@ Routing in cluster mode (see docs/cluster.md):
   read   local pool through shared memory -> directory shards of the missed keys (one
          batched call per shard) -> holders (one batched call per holder);
   write  the local daemon when it has room, else the owner of each key by capacity-weighted
-         rendezvous hashing; holders announce new keys to the directory themselves.
+         rendezvous hashing; holders announce new keys to the directory themselves. A
+         draining node (about to restart) or an unreachable one gets no writes: its
+         blocks go to the next owner.
 """
 from __future__ import annotations
 
@@ -36,6 +38,10 @@ MODES = ("embedded", "local", "cluster")
 HOLDER_NONE = _core.HOLDER_NONE
 BATCH_BYTES = 16 << 20        # data bytes per network call; below the 64 MiB frame limit
 PEER_BACKOFF_S = 1.0          # a failed peer is skipped this long before a new attempt
+# A node that returned ESHUTDOWN for a write is draining before a restart (`ems upgrade`).
+# It gets no writes this long, which covers the restart of a node with static peers, whose
+# record cannot show that it drains.
+DRAINING_SKIP_S = 10.0
 
 
 def connect(mode: str | None = None, *, capacity_bytes: int | None = None,
@@ -304,7 +310,8 @@ class ClusterClient(_AsyncCalls):
 
     Counters in stats(): local_hits (served through shared memory), remote_hits,
     misses, local_puts, remote_puts, put_refused (blocks a daemon did not store), of them
-    put_suspended (the daemon was suspended), peer_errors."""
+    put_suspended (the daemon was suspended), put_redirected (blocks that a draining or
+    unreachable node did not take and another node stored), peer_errors."""
 
     def __init__(self, membership: Membership | None, *, socket_path: str | None = None,
                  secret: bytes | None = None, tenant: str = "default",
@@ -316,7 +323,8 @@ class ClusterClient(_AsyncCalls):
         self.mode = "cluster" if membership is not None else "local"
         self.counters = dict(local_hits=0, local_tier_hits=0, remote_hits=0, misses=0,
                              local_puts=0,
-                             remote_puts=0, put_refused=0, put_suspended=0, peer_errors=0)
+                             remote_puts=0, put_refused=0, put_suspended=0,
+                             put_redirected=0, peer_errors=0)
         self._peers: dict[str, _Peer] = {}
         self._lock = threading.Lock()
         self._local_lock = threading.Lock()
@@ -327,6 +335,8 @@ class ClusterClient(_AsyncCalls):
         self._local_retry_at = 0.0      # monotonic time of the next attach attempt
         self._local_node_id = None
         self._last_error_log = 0.0
+        # node id (None: the local daemon) -> monotonic time until which it gets no writes
+        self._draining_until: dict[str | None, float] = {}
 
         socket_path = socket_path or self._find_local_socket()
         if socket_path:
@@ -458,7 +468,7 @@ class ClusterClient(_AsyncCalls):
         """Count and log (rate-limited) the blocks a daemon could not store. -EACCES comes
         from a suspended daemon (its cluster is not activated). Its blocks are not stored,
         which a cache reports as a count, not as an error."""
-        failed = [r for r in results if r < 0]
+        failed = [r for r in results if r < 0 and r != -errno.ESHUTDOWN]   # see _redirect
         if failed:
             self.counters["put_refused"] += len(failed)
             suspended = sum(1 for r in failed if r == -errno.EACCES)
@@ -606,12 +616,59 @@ class ClusterClient(_AsyncCalls):
         sizes = [memoryview(d).nbytes for d in datas]
         if self._local is not None and not self._local.alive:
             self._reattach_local()
-        if self._local is not None and self._local_has_room(sum(sizes)):
-            return self._put_local(keys, datas, sizes)
-        remote = self._remote_nodes()
+        remote = self._writable(self._remote_nodes())
+        if self._local is not None:
+            # While the local daemon restarts or drains, the other nodes take the writes.
+            usable = self._local.alive and self._local_writable()
+            if not remote or (usable and self._local_has_room(sum(sizes))):
+                stored, draining = self._put_local(keys, datas, sizes)
+                if not draining:
+                    return stored
+                # The local daemon drains before a restart: its blocks go to the owners.
+                keys, datas, sizes = ([items[i] for i in draining]
+                                      for items in (keys, datas, sizes))
+                return stored + self._redirect(keys, datas, sizes, remote,
+                                               "the local daemon")
         if not remote:
-            return self._put_local(keys, datas, sizes) if self._local is not None else 0
+            return 0
         return self._put_placed(keys, datas, sizes, remote)
+
+    def _local_writable(self) -> bool:
+        return time.monotonic() >= self._draining_until.get(None, 0.0)
+
+    def _writable(self, nodes: list[NodeRecord]) -> list[NodeRecord]:
+        """Return the nodes that take writes: not draining by their record, not returning
+        ESHUTDOWN for writes lately, and not backing off after a failed call."""
+        now = time.monotonic()
+        with self._lock:
+            backing_off = {node_id for node_id, peer in self._peers.items()
+                           if now < peer.down_until}
+        return [r for r in nodes
+                if not r.draining and now >= self._draining_until.get(r.node_id, 0.0)
+                and r.node_id not in backing_off]
+
+    def _note_draining(self, node_id: str | None, where: str, count: int) -> None:
+        """Skip a node that returned ESHUTDOWN (it is draining) for writes a while."""
+        if time.monotonic() >= self._draining_until.get(node_id, 0.0):
+            logger.info("%s is draining before a restart; writing %d blocks and the next "
+                        "%.0f s of writes to other nodes", where, count, DRAINING_SKIP_S)
+        self._draining_until[node_id] = time.monotonic() + DRAINING_SKIP_S
+
+    def _redirect(self, keys, datas, sizes, nodes: list[NodeRecord], where: str) -> int:
+        """Place blocks that a draining or failed node did not take on the writable
+        `nodes`, once. Returns how many were stored; the others count as refused."""
+        nodes = self._writable(nodes)
+        if not nodes:
+            self.counters["put_refused"] += len(keys)
+            now = time.monotonic()
+            if now - self._last_error_log > 5.0:
+                self._last_error_log = now
+                logger.warning("%s could not store %d blocks, and no other node takes "
+                               "writes", where, len(keys))
+            return 0
+        stored = self._put_placed(keys, datas, sizes, nodes, redirect=False)
+        self.counters["put_redirected"] += stored
+        return stored
 
     def _local_has_room(self, nbytes: int) -> bool:
         if self.membership is None or not self._remote_nodes():
@@ -619,8 +676,10 @@ class ClusterClient(_AsyncCalls):
         stats = self._read_local("stats")
         return stats is not None and stats["bytes_free"] >= nbytes
 
-    def _put_local(self, keys, datas, sizes) -> int:
-        stored = 0
+    def _put_local(self, keys, datas, sizes) -> tuple[int, list[int]]:
+        """Store through the local daemon. Returns the count stored and the indices of
+        the keys it rejected because it drains."""
+        stored, draining = 0, []
         for chunk in _chunks(list(range(len(keys))), sizes):
             try:
                 with self._local_lock:
@@ -629,17 +688,22 @@ class ClusterClient(_AsyncCalls):
                                                    timeout_ms=self.timeout_ms)
             except TransferError as exc:
                 self._note_error("PUT to the local daemon", exc)
-                return stored
+                break
             stored += results.count(0)
+            draining += [i for i, r in zip(chunk, results) if r == -errno.ESHUTDOWN]
             self._note_put_failures("the local daemon", results)
         self.counters["local_puts"] += stored
-        return stored
+        if draining:
+            self._note_draining(None, "the local daemon", len(draining))
+        return stored, draining
 
-    def _put_placed(self, keys, datas, sizes, nodes: list[NodeRecord]) -> int:
+    def _put_placed(self, keys, datas, sizes, nodes: list[NodeRecord], *,
+                    redirect: bool = True) -> int:
         weights = [Node(r.node_id, float(max(r.free_bytes, r.capacity_bytes // 100, 1)))
                    for r in nodes]
         target = owners(_split_keys(_core.tenant_keys(self.tenant, keys)), weights, 1)[:, 0]
         stored = 0
+        rejected = []    # indices that a draining or failed node did not take
         for t in np.unique(target):
             record = nodes[int(t)]
             idx = np.flatnonzero(target == t).tolist()
@@ -649,10 +713,22 @@ class ClusterClient(_AsyncCalls):
                         "put_many", [keys[i] for i in chunk], [datas[i] for i in chunk])
                 except TransferError as exc:
                     self._note_error(f"PUT to node {record.node_id}", exc)
+                    rejected += idx[idx.index(chunk[0]):]   # this chunk and the node's rest
                     break
                 stored += results.count(0)
+                draining = [i for i, r in zip(chunk, results) if r == -errno.ESHUTDOWN]
+                if draining:
+                    self._note_draining(record.node_id, f"node {record.node_id}",
+                                        len(draining))
+                    rejected += draining
                 self._note_put_failures(f"node {record.node_id}", results)
         self.counters["remote_puts"] += stored
+        if rejected and redirect:
+            stored += self._redirect(*([items[i] for i in rejected]
+                                       for items in (keys, datas, sizes)),
+                                     nodes, "a draining or unreachable node")
+        elif rejected:
+            self.counters["put_refused"] += len(rejected)
         return stored
 
     def delete(self, key) -> bool:

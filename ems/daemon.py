@@ -153,7 +153,8 @@ class Daemon:
             node_id=cfg.node_id, host=cfg.advertise_host or cfg.host, port=self.server.port,
             local_socket=socket_path, hostname=socket.gethostname(),
             capacity_bytes=stats["capacity_bytes"], free_bytes=stats["bytes_free"],
-            proto_min=1, proto_max=1, version=ems.__version__)
+            proto_min=self.server.proto_min, proto_max=self.server.proto_max,
+            version=ems.__version__)
 
         if cfg.metrics_port is not None:
             try:
@@ -171,10 +172,11 @@ class Daemon:
         self._pump_thread = threading.Thread(target=self._pump, name="ems-pump", daemon=True)
         self._pump_thread.start()
         self._write_record()
-        logger.info("node %s serving %d bytes (%s pages) on %s:%d and %s; spill tier: %s; "
-                    "metrics on %s; membership: %s; activation: %s", cfg.node_id,
-                    stats["capacity_bytes"],
+        logger.info("node %s serving %d bytes (%s pages) on %s:%d and %s; protocol "
+                    "versions %d-%d; spill tier: %s; metrics on %s; membership: %s; "
+                    "activation: %s", cfg.node_id, stats["capacity_bytes"],
                     self.pool.page_kind, cfg.host, self.server.port, socket_path,
+                    self.server.proto_min, self.server.proto_max,
                     f"{cfg.spill_dir} ({cfg.spill_bytes} bytes, "
                     f"{self.tier.store.stats()['io_mode']})" if self.tier else "none",
                     f"{cfg.metrics_host}:{self.metrics.port}" if self.metrics else "nowhere",
@@ -292,6 +294,8 @@ class Daemon:
                 if time.monotonic() - last_check > PEER_CHECK_INTERVAL_S:
                     last_check = time.monotonic()
                     self._check_peers()
+                if self.server.draining != self.record.draining:
+                    self._publish_draining()
                 if time.monotonic() - last_record > RECORD_INTERVAL_S:
                     last_record = time.monotonic()
                     self._refresh_record()
@@ -338,6 +342,19 @@ class Daemon:
         if conn is not None:
             conn.close()
 
+    def _publish_draining(self) -> None:
+        """Write the server's draining state (set by a DRAIN request, see `ems upgrade`)
+        into the membership record, so that clients place new blocks on other nodes."""
+        draining = self.server.draining
+        self.record = replace(self.record, draining=draining)
+        self.membership.update(self.record)
+        if draining:
+            logger.info("node %s draining: it stores no new blocks, and clients write to "
+                        "the other nodes until it restarts", self.config.node_id)
+        else:
+            logger.info("node %s stopped draining: storing new blocks again",
+                        self.config.node_id)
+
     def _refresh_record(self) -> None:
         free = self.pool.stats()["bytes_free"]
         if free != self.record.free_bytes:
@@ -382,8 +399,12 @@ class Daemon:
         if conn is None or not conn.alive:
             conn = _core.Connection(record.host, record.port, secret=self.config.secret,
                                     tenant=NODE_TENANT, role="node",
-                                    timeout_ms=self.config.peer_timeout_ms)
+                                    timeout_ms=self.config.peer_timeout_ms,
+                                    proto_min=self.server.proto_min,
+                                    proto_max=self.server.proto_max)
             self._node_conns[record.node_id] = conn
+            logger.info("connected to node %s at protocol version %d", record.node_id,
+                        conn.version)
         return conn
 
     def _warn_once(self, key: str, fmt: str, *args) -> None:

@@ -56,11 +56,10 @@ def daemon_env(run_dir: str, secret: str | None = SECRET) -> dict:
     return env
 
 
-def start(daemon: DaemonProcess, run_dir: str, *, peers: str | None = None,
-          zookeeper: str | None = None, capacity: str = "128M", secret: str | None = SECRET,
-          extra: tuple = (), timeout: float = 20.0) -> DaemonProcess:
-    """Start the daemon and wait until it logs that it serves (after it joined the
-    membership) and its socket and TCP port accept connections."""
+def serve_args(daemon: DaemonProcess, *, peers: str | None = None,
+               zookeeper: str | None = None, capacity: str = "128M",
+               extra: tuple = ()) -> list[str]:
+    """The command line of `ems serve` for the daemon."""
     args = [sys.executable, "-m", "ems.cli", "serve", "--node-id", daemon.node_id,
             "--capacity", capacity, "--pages", "small", "--port", str(daemon.port),
             "--metrics-port", str(daemon.metrics_port), "--socket", daemon.socket_path,
@@ -69,12 +68,24 @@ def start(daemon: DaemonProcess, run_dir: str, *, peers: str | None = None,
         args += ["--peers", peers]
     if zookeeper:
         args += ["--zookeeper", zookeeper]
+    return args
+
+
+def start(daemon: DaemonProcess, run_dir: str, *, peers: str | None = None,
+          zookeeper: str | None = None, capacity: str = "128M", secret: str | None = SECRET,
+          extra: tuple = (), timeout: float = 20.0, env: dict | None = None) -> DaemonProcess:
+    """Start the daemon and wait until it logs that it serves (after it joined the
+    membership) and its socket and TCP port accept connections. `env` adds environment
+    variables, such as EMS_PROTO_MAX=1 for a daemon of the previous protocol version."""
+    args = serve_args(daemon, peers=peers, zookeeper=zookeeper, capacity=capacity,
+                      extra=extra)
     # The log is shared by restarts of the same node, so wait for one more "serving" line.
     serving = f"node {daemon.node_id} serving"
     started_before = daemon.log().count(serving) if os.path.exists(daemon.log_path) else 0
     log = open(daemon.log_path, "a")
-    daemon.process = subprocess.Popen(args, env=daemon_env(run_dir, secret), stdout=log,
-                                      stderr=subprocess.STDOUT, start_new_session=True)
+    daemon.process = subprocess.Popen(args, env={**daemon_env(run_dir, secret), **(env or {})},
+                                      stdout=log, stderr=subprocess.STDOUT,
+                                      start_new_session=True)
     log.close()
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -41,7 +41,8 @@ PING, HELLO, AUTH, GET, PUT, EXISTS, MATCH_PREFIX, DELETE = 1, 2, 3, 4, 5, 6, 7,
 DIR_REGISTER, DIR_LOOKUP, STATS, LOCAL_ATTACH, LOCAL_RESERVE, LOCAL_COMMIT = (
     9, 10, 11, 12, 13, 14)
 PROTECT, PREFETCH = 15, 16
-UNKNOWN_OPCODE = 17   # the first opcode past EMS_OP_LAST, which the server rejects
+DRAIN = 17            # version 2 only: a frame of version 1 with it is rejected
+UNKNOWN_OPCODE = 18   # the first opcode past EMS_OP_LAST, which the server rejects
 
 OK, BAD_REQUEST, UNAUTHENTICATED, UNSUPPORTED_VERSION, TOO_LARGE, BUSY, INTERNAL = range(7)
 

@@ -16,7 +16,7 @@ import pytest
 import cluster_rig as rig
 
 import ems
-from ems import admin
+from ems import _core, admin
 from ems.keys import chain_keys, layer_keys
 
 NAMESPACE = bytes(range(32))
@@ -209,7 +209,8 @@ def test_nodes_lists_members_and_pings(cluster, capsys):
         row = rows[daemon.node_id]
         assert row["address"] == f"127.0.0.1:{daemon.port}"
         assert row["capacity"] == "128.0 MiB"
-        assert row["protocol"] == "1"
+        # The range the daemon reports in STATS, which static peers do not list.
+        assert row["protocol"] == f"{_core.PROTO_VERSION_MIN}-{_core.PROTO_VERSION_MAX}"
         assert re.fullmatch(r"ok \d+\.\d{3} ms", row["ping"]), row["ping"]
 
 
@@ -466,7 +467,8 @@ def test_nodes_zookeeper_record_fields(zookeeper, tmp_path, capsys, monkeypatch)
         assert entry["metrics_port"] == daemon.metrics_port
         assert entry["local_socket"] == daemon.socket_path
         assert entry["version"] == ems.__version__
-        assert entry["proto_min"] == 1
+        assert entry["proto_min"] == _core.PROTO_VERSION_MIN
+        assert entry["proto_max"] == _core.PROTO_VERSION_MAX
 
         status, out, err = run(capsys, argv[:-1])
         assert status == 0, err

@@ -19,7 +19,8 @@ import pytest
 import ems
 import ems._core as core
 from conftest import make_block, make_key
-from fuzz_frame import (AUTH, BAD_REQUEST, DELETE, DIR_REGISTER, EXISTS, GET, HEADER_BYTES,
+from fuzz_frame import (AUTH, BAD_REQUEST, DELETE, DIR_REGISTER, DRAIN, EXISTS, GET,
+                        HEADER_BYTES,
                         HELLO, LOCAL_ATTACH, LOCAL_COMMIT, OK, PING, PREFETCH, PUT, RESPONSE,
                         ROLE_CLIENT, ROLE_NODE, STATS, TOO_LARGE, UNAUTHENTICATED,
                         UNKNOWN_OPCODE, UNSUPPORTED_VERSION, batch, connect, drain,
@@ -31,6 +32,8 @@ TENANT = b"t"
 MAX_PAYLOAD = 64 << 10
 IO_TIMEOUT_MS = 300
 CLOSE_WAIT_S = 3.0   # seconds a test waits for the server to close, well above IO_TIMEOUT_MS
+SERVER_RANGE = struct.pack("<HH", core.PROTO_VERSION_MIN, core.PROTO_VERSION_MAX)
+ABOVE_MAX = core.PROTO_VERSION_MAX + 1   # a version no server of this build speaks
 
 # Every reason the server gives when it rejects a frame or drops a connection.
 KNOWN_REASONS = (
@@ -137,7 +140,11 @@ def assert_rejected(daemon, sock, data, status, reason, opcode, request_id, clos
     assert response.status == status
     assert response.opcode == opcode
     assert response.request_id == request_id
-    assert response.payload == b""
+    # Since protocol version 2 the server sends its range with UNSUPPORTED_VERSION.
+    if status == UNSUPPORTED_VERSION:
+        assert response.payload == SERVER_RANGE
+    else:
+        assert response.payload == b""
     _, closed = drain(sock, CLOSE_WAIT_S if closes else 0.1)
     assert closed == closes
     daemon.wait_for_log(reason)
@@ -154,8 +161,8 @@ HEADER_CASES = {
                                TOO_LARGE, "payload larger than the limit"),
     "payload_len_max_u32": (encode_header(PING, 0xffffffff, 1), TOO_LARGE,
                             "payload larger than the limit"),
-    "version_2": (encode_frame(PING, version=2), UNSUPPORTED_VERSION,
-                  "unsupported protocol version"),
+    "version_above_max": (encode_frame(PING, version=ABOVE_MAX), UNSUPPORTED_VERSION,
+                          "unsupported protocol version"),
     "version_0": (encode_frame(PING, version=0), UNSUPPORTED_VERSION,
                   "unsupported protocol version"),
     "bad_magic": (encode_frame(PING, magic=0x31534D46), BAD_REQUEST,
@@ -163,7 +170,10 @@ HEADER_CASES = {
     "bad_header_crc": (corrupt_header_crc(encode_frame(PING)), BAD_REQUEST,
                        "bad magic or header checksum"),
     "opcode_0": (encode_frame(0), BAD_REQUEST, "bad opcode, flags or status"),
-    "opcode_17": (encode_frame(UNKNOWN_OPCODE), BAD_REQUEST, "bad opcode, flags or status"),
+    "opcode_18": (encode_frame(UNKNOWN_OPCODE), BAD_REQUEST, "bad opcode, flags or status"),
+    # Version 1 has no DRAIN: rejected as the previous release rejects an unknown opcode.
+    "drain_in_version_1": (encode_frame(DRAIN, struct.pack("<I", 1)), BAD_REQUEST,
+                           "bad opcode, flags or status"),
     "opcode_ffff": (encode_frame(0xffff), BAD_REQUEST, "bad opcode, flags or status"),
     "response_flag": (encode_frame(GET, flags=RESPONSE), BAD_REQUEST,
                       "bad opcode, flags or status"),
@@ -234,8 +244,14 @@ REFUSED_CASES = {
     "hello_7_bytes": (0, ROLE_CLIENT, encode_frame(HELLO, bytes(7), 9), BAD_REQUEST,
                       "HELLO shorter than 8 bytes"),
     "unknown_role": (0, ROLE_CLIENT, hello(role=2), BAD_REQUEST, "unknown role"),
-    "versions_2_to_3": (0, ROLE_CLIENT, hello(min_version=2, max_version=3),
-                        UNSUPPORTED_VERSION, "client speaks versions 2-3"),
+    "versions_above_max": (0, ROLE_CLIENT,
+                           hello(min_version=ABOVE_MAX, max_version=ABOVE_MAX + 1),
+                           UNSUPPORTED_VERSION,
+                           f"client speaks versions {ABOVE_MAX}-{ABOVE_MAX + 1}, this server "
+                           f"{core.PROTO_VERSION_MIN}-{core.PROTO_VERSION_MAX}"),
+    # A peer two versions back: version 0 stands for N-2 of version 2.
+    "versions_0_to_0": (0, ROLE_CLIENT, hello(min_version=0, max_version=0),
+                        UNSUPPORTED_VERSION, "client speaks versions 0-0"),
     "versions_reversed": (0, ROLE_CLIENT, hello(min_version=1, max_version=0),
                           UNSUPPORTED_VERSION, "client speaks versions 1-0"),
     "local_op_on_tcp": (2, ROLE_CLIENT, encode_frame(LOCAL_ATTACH, request_id=9), BAD_REQUEST,

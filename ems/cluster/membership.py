@@ -74,13 +74,14 @@ class NodeRecord:
     proto_min: int = 1  # range of transfer protocol versions the daemon speaks
     proto_max: int = 1
     version: str = ""  # ems package version of the daemon
+    draining: bool = False  # stores no new blocks (before a restart); clients write elsewhere
 
     def __post_init__(self):
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
-            expected = int if field.type == "int" else str
+            expected = {"int": int, "bool": bool}.get(field.type, str)
             # bool is a subclass of int, but True is no port number.
-            if isinstance(value, bool) or not isinstance(value, expected):
+            if (expected is int and isinstance(value, bool)) or not isinstance(value, expected):
                 raise ValueError(f"node record field {field.name!r} must be "
                                  f"{expected.__name__}, got {type(value).__name__} {value!r}")
         check_name("node_id", self.node_id)

@@ -7,6 +7,8 @@
 #include "frame.h"
 
 #define MAX_PAYLOAD (64u << 20)
+#define LOW EMS_PROTO_VERSION_MIN
+#define HIGH EMS_PROTO_VERSION_MAX
 
 static ems_frame_t sample(void) {
     ems_frame_t f = {
@@ -44,7 +46,7 @@ static void test_round_trip(void) {
     ems_frame_encode(&f, wire);
     ems_frame_t back;
     memset(&back, 0xAA, sizeof back);
-    CHECK_EQ(ems_frame_decode(wire, MAX_PAYLOAD, &back), 0);
+    CHECK_EQ(ems_frame_decode(wire, MAX_PAYLOAD, LOW, HIGH, &back), 0);
     CHECK_EQ(back.version, f.version);
     CHECK_EQ(back.opcode, f.opcode);
     CHECK(back.request_id == f.request_id);
@@ -63,19 +65,19 @@ static void test_every_byte_flip_rejected(void) {
             wire[byte] ^= (uint8_t)(1u << bit);
             ems_frame_t out = sample();
             out.opcode = 0;
-            CHECK_EQ(ems_frame_decode(wire, MAX_PAYLOAD, &out), -EPROTO);
+            CHECK_EQ(ems_frame_decode(wire, MAX_PAYLOAD, LOW, HIGH, &out), -EPROTO);
             CHECK_EQ(out.opcode, 0);            /* untouched on failure */
             wire[byte] ^= (uint8_t)(1u << bit);
         }
     ems_frame_t out;
-    CHECK_EQ(ems_frame_decode(wire, MAX_PAYLOAD, &out), 0);
+    CHECK_EQ(ems_frame_decode(wire, MAX_PAYLOAD, LOW, HIGH, &out), 0);
 }
 
 static int decode_of(ems_frame_t f, uint32_t max_payload) {
     uint8_t wire[EMS_FRAME_HEADER_BYTES];
     ems_frame_encode(&f, wire);
     ems_frame_t out;
-    return ems_frame_decode(wire, max_payload, &out);
+    return ems_frame_decode(wire, max_payload, LOW, HIGH, &out);
 }
 
 static void test_rejections(void) {
@@ -114,21 +116,59 @@ static void test_rejections(void) {
     for (int i = 0; i < 4; i++)
         wire[28 + i] = (uint8_t)(crc >> (8 * i));
     ems_frame_t out;
-    CHECK_EQ(ems_frame_decode(wire, MAX_PAYLOAD, &out), -EPROTO);
+    CHECK_EQ(ems_frame_decode(wire, MAX_PAYLOAD, LOW, HIGH, &out), -EPROTO);
 }
 
 static void test_negotiate(void) {
     uint16_t version = 0;
-    CHECK_EQ(ems_proto_negotiate(EMS_PROTO_VERSION_MIN, EMS_PROTO_VERSION_MAX, &version), 0);
-    CHECK_EQ(version, EMS_PROTO_VERSION_MAX);
-    CHECK_EQ(ems_proto_negotiate(1, 60000, &version), 0);
-    CHECK_EQ(version, EMS_PROTO_VERSION_MAX);
+    CHECK_EQ(ems_proto_negotiate(LOW, HIGH, LOW, HIGH, &version), 0);
+    CHECK_EQ(version, HIGH);
+    CHECK_EQ(ems_proto_negotiate(LOW, HIGH, 1, 60000, &version), 0);
+    CHECK_EQ(version, HIGH);
     version = 77;
-    CHECK_EQ(ems_proto_negotiate(EMS_PROTO_VERSION_MAX + 1, 60000, &version),
-             -EPROTONOSUPPORT);
+    CHECK_EQ(ems_proto_negotiate(LOW, HIGH, HIGH + 1, 60000, &version), -EPROTONOSUPPORT);
     CHECK_EQ(version, 77);
-    CHECK_EQ(ems_proto_negotiate(3, 2, &version), -EPROTONOSUPPORT);
-    CHECK_EQ(ems_proto_negotiate(0, 0, &version), -EPROTONOSUPPORT);
+    CHECK_EQ(ems_proto_negotiate(LOW, HIGH, 3, 2, &version), -EPROTONOSUPPORT);
+    CHECK_EQ(ems_proto_negotiate(LOW, HIGH, 0, 0, &version), -EPROTONOSUPPORT);
+
+    /* N and N-1 agree on N-1, from either side. */
+    CHECK_EQ(ems_proto_negotiate(1, 2, 1, 1, &version), 0);
+    CHECK_EQ(version, 1);
+    CHECK_EQ(ems_proto_negotiate(1, 1, 1, 2, &version), 0);
+    CHECK_EQ(version, 1);
+    /* N+1 = [2, 3] and N-1 = [1, 1] share nothing; nor does a reversed own range. */
+    CHECK_EQ(ems_proto_negotiate(1, 1, 2, 3, &version), -EPROTONOSUPPORT);
+    CHECK_EQ(ems_proto_negotiate(2, 3, 1, 1, &version), -EPROTONOSUPPORT);
+    CHECK_EQ(ems_proto_negotiate(2, 1, 1, 2, &version), -EPROTONOSUPPORT);
+}
+
+/* Version 1 ends at PREFETCH; version 2 adds DRAIN. A frame of version 1 with opcode DRAIN
+ * is rejected as a previous release rejects it, as an unknown opcode. */
+static void test_opcodes_by_version(void) {
+    CHECK_EQ(ems_proto_last_opcode(1), EMS_OP_PREFETCH);
+    CHECK_EQ(ems_proto_last_opcode(2), EMS_OP_DRAIN);
+    ems_frame_t f = sample();
+    f.opcode = EMS_OP_DRAIN;
+    f.version = 1;
+    CHECK_EQ(decode_of(f, MAX_PAYLOAD), -EBADMSG);
+    f.version = 2;
+    CHECK_EQ(decode_of(f, MAX_PAYLOAD), 0);
+    f.opcode = EMS_OP_DRAIN + 1;
+    CHECK_EQ(decode_of(f, MAX_PAYLOAD), -EBADMSG);
+}
+
+/* The receiver's range decides which versions pass: a server restricted to [1, 1] rejects
+ * a frame of version 2. */
+static void test_decode_range(void) {
+    ems_frame_t f = sample();
+    f.version = 2;
+    uint8_t wire[EMS_FRAME_HEADER_BYTES];
+    ems_frame_encode(&f, wire);
+    ems_frame_t out;
+    CHECK_EQ(ems_frame_decode(wire, MAX_PAYLOAD, 1, 1, &out), -EPROTONOSUPPORT);
+    CHECK_EQ(ems_frame_decode(wire, MAX_PAYLOAD, 2, 2, &out), 0);
+    CHECK_EQ(ems_frame_decode(wire, MAX_PAYLOAD, 0, UINT16_MAX, &out), 0);
+    CHECK_EQ(out.version, 2);
 }
 
 int main(void) {
@@ -137,6 +177,8 @@ int main(void) {
     test_every_byte_flip_rejected();
     test_rejections();
     test_negotiate();
+    test_opcodes_by_version();
+    test_decode_range();
     printf("test_frame: ok\n");
     return 0;
 }

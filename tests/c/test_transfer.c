@@ -55,7 +55,9 @@ typedef struct server_fixture {
     char unix_path[128];
 } server_fixture_t;
 
-static void fixture_start(server_fixture_t *f)
+/* Starts a server that speaks protocol versions [proto_min, proto_max] (0, 0: the
+ * build's range). */
+static void fixture_start_range(server_fixture_t *f, uint16_t proto_min, uint16_t proto_max)
 {
     memset(f, 0, sizeof *f);
     ems_pool_config_t pool_config = {
@@ -80,10 +82,17 @@ static void fixture_start(server_fixture_t *f)
         .directory_capacity = 4096,
         .idle_timeout_ms = 0,
         .io_timeout_ms = CALL_TIMEOUT_MS,
+        .proto_min = proto_min,
+        .proto_max = proto_max,
     };
     CHECK_EQ(ems_server_start(&config, &f->server), 0);
     f->port = ems_server_port(f->server);
     CHECK(f->port != 0);
+}
+
+static void fixture_start(server_fixture_t *f)
+{
+    fixture_start_range(f, 0, 0);
 }
 
 static void fixture_stop(server_fixture_t *f)
@@ -1598,6 +1607,186 @@ static void test_stop_during_miss_handler(void)
     fixture_stop(&f);
 }
 
+/* ---- protocol versions and draining ------------------------------------------------- */
+
+/* Opens a connection that must fail with `expect`, and returns its error sentence. */
+static void open_fails(const ems_conn_config_t *config, int expect, char *error, size_t len)
+{
+    ems_conn_t *conn = NULL;
+    CHECK_EQ(ems_conn_open(config, &conn, error, len), expect);
+    CHECK(conn == NULL);
+}
+
+static void test_version_ranges(void)
+{
+    enum { SALT = 0x7007 };
+    char error[256];
+    uint32_t in_flight = 0;
+
+    /* A server restricted to [1, 1] is a previous release: a client of [1, 2] agrees on
+     * 1, cannot send DRAIN over it, and a client of [2, 2] is rejected with both ranges. */
+    server_fixture_t old;
+    fixture_start_range(&old, 1, 1);
+    ems_conn_config_t config = tcp_config(&old, "alpha", EMS_ROLE_CLIENT);
+    ems_conn_t *conn = open_or_fail(&config);
+    CHECK_EQ(ems_conn_version(conn), 1);
+    uint8_t key[EMS_KEY_BYTES];
+    make_keys(key, 0, 1, SALT);
+    const uint64_t length = 4096;
+    const void *src = payload_of(700, length);
+    void *dst = zeroed(length);
+    int64_t result;
+    CHECK_EQ(ems_conn_put_many(conn, key, 1, &src, &length, &result, CALL_TIMEOUT_MS), 0);
+    CHECK_EQ(result, 0);
+    CHECK_EQ(ems_conn_get_many(conn, key, 1, &dst, &length, &result, CALL_TIMEOUT_MS), 0);
+    CHECK_EQ(result, (int64_t)length);
+    CHECK(memcmp(dst, src, length) == 0);
+    ems_conn_close(conn);
+
+    ems_conn_config_t node_config = tcp_config(&old, "node-1", EMS_ROLE_NODE);
+    ems_conn_t *node = open_or_fail(&node_config);
+    CHECK_EQ(ems_conn_drain(node, 1, &in_flight, CALL_TIMEOUT_MS), -EPROTONOSUPPORT);
+    CHECK(ems_conn_alive(node));            /* nothing was sent */
+    CHECK_EQ(ems_server_draining(old.server), 0);
+    ems_conn_close(node);
+
+    config.proto_min = 2;
+    config.proto_max = 2;
+    open_fails(&config, -EPROTONOSUPPORT, error, sizeof error);
+    CHECK(strstr(error, "this client speaks versions 2-2, the server 1-1") != NULL);
+    fixture_stop(&old);
+
+    /* The build's range agrees on the newest version with a client of the same build,
+     * and on 1 with a client restricted to [1, 1]. */
+    server_fixture_t f;
+    fixture_start(&f);
+    config = tcp_config(&f, "alpha", EMS_ROLE_CLIENT);
+    conn = open_or_fail(&config);
+    CHECK_EQ(ems_conn_version(conn), EMS_PROTO_VERSION_MAX);
+    ems_conn_close(conn);
+    config.proto_min = 1;
+    config.proto_max = 1;
+    conn = open_or_fail(&config);
+    CHECK_EQ(ems_conn_version(conn), 1);
+    CHECK_EQ(ems_conn_get_many(conn, key, 1, &dst, &length, &result, CALL_TIMEOUT_MS), 0);
+    CHECK_EQ(result, -ENOENT);
+    ems_conn_close(conn);
+
+    /* A range outside the build's is refused before connecting, on both sides. */
+    config.proto_min = 0;
+    config.proto_max = EMS_PROTO_VERSION_MAX + 1;
+    open_fails(&config, -EINVAL, error, sizeof error);
+    CHECK(strstr(error, "this build speaks") != NULL);
+    server_fixture_t bad;
+    memset(&bad, 0, sizeof bad);
+    ems_pool_config_t pool_config = {.capacity = 4u << 20, .pages = EMS_PAGES_SMALL};
+    CHECK_EQ(ems_pool_create(&bad.pool, &pool_config), 0);
+    ems_server_config_t server_config = {
+        .pool = &bad.pool, .host = "127.0.0.1", .max_payload = MAX_PAYLOAD,
+        .max_connections = 4, .directory_capacity = 16, .io_timeout_ms = CALL_TIMEOUT_MS,
+        .proto_min = 2, .proto_max = EMS_PROTO_VERSION_MAX + 1,
+    };
+    CHECK_EQ(ems_server_start(&server_config, &bad.server), -EINVAL);
+    ems_pool_close(&bad.pool);
+
+    /* Every handshake is counted by its agreed version and role: so far one client of
+     * version 2 and one of version 1, and now a third of version 2 reads the counters. */
+    config = tcp_config(&f, "alpha", EMS_ROLE_CLIENT);
+    conn = open_or_fail(&config);
+    char json[4096];
+    CHECK_EQ(ems_conn_stats(conn, json, sizeof json, CALL_TIMEOUT_MS), 0);
+    CHECK(strstr(json, "\"proto_min\":1,\"proto_max\":2,\"draining\":0,") != NULL);
+    CHECK(strstr(json, "\"hellos\":{\"1\":{\"client\":1,\"node\":0},"
+                       "\"2\":{\"client\":2,\"node\":0}}}") != NULL);
+    ems_conn_close(conn);
+    free((void *)src);
+    free(dst);
+    fixture_stop(&f);
+}
+
+/* DRAIN (version 2, node role) makes PUT and LOCAL_RESERVE store nothing and return
+ * -ESHUTDOWN, while reads go on. Ending it stores again. */
+static void test_drain(void)
+{
+    enum { N = 2, SALT = 0x8008 };
+    server_fixture_t f;
+    fixture_start(&f);
+    ems_conn_config_t client_config = tcp_config(&f, "alpha", EMS_ROLE_CLIENT);
+    ems_conn_config_t node_config = tcp_config(&f, "node-1", EMS_ROLE_NODE);
+    ems_conn_config_t near_config = local_config(&f, "alpha");
+    ems_conn_t *client = open_or_fail(&client_config);
+    ems_conn_t *node = open_or_fail(&node_config);
+    ems_conn_t *near = open_or_fail(&near_config);
+
+    int fd = -1;
+    CHECK_EQ(ems_conn_local_attach(near, &fd, CALL_TIMEOUT_MS), 0);
+    struct stat st;
+    CHECK_EQ(fstat(fd, &st), 0);
+    uint64_t map_size = (uint64_t)st.st_size;
+    uint8_t *base = mmap(NULL, map_size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    CHECK(base != MAP_FAILED);
+
+    /* Key 0 is stored before draining, key 1 is offered during it. */
+    uint8_t keys[N * EMS_KEY_BYTES];
+    make_keys(keys, 0, N, SALT);
+    const uint64_t lengths[N] = {4096, 4096};
+    const void *srcs[N];
+    void *dsts[N];
+    for (int i = 0; i < N; i++) {
+        srcs[i] = payload_of(800 + i, lengths[i]);
+        dsts[i] = zeroed(lengths[i]);
+    }
+    int64_t results[N];
+    CHECK_EQ(ems_conn_put_many(client, keys, 1, srcs, lengths, results, CALL_TIMEOUT_MS), 0);
+    CHECK_EQ(results[0], 0);
+
+    /* A request counts as in flight until its thread is done, which may be just after its
+     * response arrived, so DRAIN is repeated until the count drops to 0. */
+    uint32_t in_flight = 99;
+    for (int tries = 0; tries < 1000 && in_flight != 0; tries++) {
+        CHECK_EQ(ems_conn_drain(node, 1, &in_flight, CALL_TIMEOUT_MS), 0);
+        if (in_flight != 0)
+            usleep(1000);
+    }
+    CHECK_EQ(in_flight, 0);
+    CHECK_EQ(ems_server_draining(f.server), 1);
+    CHECK_EQ(ems_conn_put_many(client, keys + EMS_KEY_BYTES, 1, srcs + 1, lengths + 1, results,
+                               CALL_TIMEOUT_MS), 0);
+    CHECK_EQ(results[0], -ESHUTDOWN);
+    CHECK_EQ(ems_conn_local_put_many(near, base, map_size, keys + EMS_KEY_BYTES, 1, srcs + 1,
+                                     lengths + 1, results, CALL_TIMEOUT_MS), 0);
+    CHECK_EQ(results[0], -ESHUTDOWN);
+    CHECK_EQ(ems_conn_get_many(client, keys, N, dsts, lengths, results, CALL_TIMEOUT_MS), 0);
+    CHECK_EQ(results[0], (int64_t)lengths[0]);
+    CHECK(memcmp(dsts[0], srcs[0], lengths[0]) == 0);
+    CHECK_EQ(results[1], -ENOENT);
+    char json[4096];
+    CHECK_EQ(ems_conn_stats(client, json, sizeof json, CALL_TIMEOUT_MS), 0);
+    CHECK_EQ(count_of(json, "draining"), 1);
+
+    /* Only the node role may drain; a client's DRAIN closes its connection. */
+    CHECK_EQ(ems_conn_drain(client, 0, &in_flight, CALL_TIMEOUT_MS), -EACCES);
+    CHECK(!ems_conn_alive(client));
+    CHECK_EQ(ems_server_draining(f.server), 1);
+
+    CHECK_EQ(ems_conn_drain(node, 0, &in_flight, CALL_TIMEOUT_MS), 0);
+    CHECK_EQ(ems_server_draining(f.server), 0);
+    CHECK_EQ(ems_conn_local_put_many(near, base, map_size, keys + EMS_KEY_BYTES, 1, srcs + 1,
+                                     lengths + 1, results, CALL_TIMEOUT_MS), 0);
+    CHECK_EQ(results[0], 0);
+
+    munmap(base, map_size);
+    close(fd);
+    ems_conn_close(client);
+    ems_conn_close(node);
+    ems_conn_close(near);
+    for (int i = 0; i < N; i++) {
+        free((void *)srcs[i]);
+        free(dsts[i]);
+    }
+    fixture_stop(&f);
+}
+
 /* ---- deadlines against a silent peer ------------------------------------------------ */
 
 #define SHORT_TIMEOUT_MS 300u
@@ -1618,7 +1807,7 @@ static void answer_hello(int fd)
     uint8_t header[EMS_FRAME_HEADER_BYTES], payload[256];
     CHECK(recv(fd, header, sizeof header, MSG_WAITALL) == (ssize_t)sizeof header);
     ems_frame_t req;
-    CHECK_EQ(ems_frame_decode(header, sizeof payload, &req), 0);
+    CHECK_EQ(ems_frame_decode(header, sizeof payload, 0, UINT16_MAX, &req), 0);
     CHECK_EQ(req.opcode, EMS_OP_HELLO);
     CHECK(recv(fd, payload, req.payload_len, MSG_WAITALL) == (ssize_t)req.payload_len);
 
@@ -1755,6 +1944,8 @@ int main(int argc, char **argv)
 
     RUN_TEST(test_block_round_trip);
     RUN_TEST(test_directory_roles);
+    RUN_TEST(test_version_ranges);
+    RUN_TEST(test_drain);
     RUN_TEST(test_auth_rejects_bad_secret);
     RUN_TEST(test_tenant_isolation);
     RUN_TEST(test_local_put_visible_over_tcp);
