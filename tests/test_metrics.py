@@ -133,8 +133,11 @@ def test_spill_tier_and_activation_series(node):
     assert sample(text, "ems_activation_state", state="expired", **LABELS) == 0
     expiry = sample(text, "ems_activation_expiry_timestamp_seconds", **LABELS)
     assert abs(expiry - (time.time() + 86400)) < 600
-    assert sample(text, "ems_node_protocol_version", bound="min", **LABELS) == 1
-    assert sample(text, "ems_node_protocol_version", bound="max", **LABELS) == 1
+    assert sample(text, "ems_node_protocol_version", bound="min", **LABELS) == \
+        core.PROTO_VERSION_MIN
+    assert sample(text, "ems_node_protocol_version", bound="max", **LABELS) == \
+        core.PROTO_VERSION_MAX
+    assert core.PROTO_VERSION_MAX == 2
     assert sample(text, "ems_node_info", page_kind="small", version=ems.__version__,
                   **LABELS) == 1
 
