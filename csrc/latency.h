@@ -36,7 +36,7 @@ uint64_t ems_now_ns(void);
 /* Counts one duration of `ns` nanoseconds. Thread-safe and lock-free. */
 void ems_latency_observe(ems_latency_t *histogram, uint64_t ns);
 
-/* Copies the counters with relaxed loads (the file comment says what a reader may see). */
+/* Copies the counters with relaxed loads (the file comment describes what a reader may see). */
 void ems_latency_read(const ems_latency_t *histogram, ems_latency_snapshot_t *out);
 
 #endif

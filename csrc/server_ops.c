@@ -255,8 +255,8 @@ static int op_get(ems_srv_conn_t *conn, const ems_frame_t *req)
     ems_frame_encode(&resp, header);
     iov[0] = (struct iovec){header, sizeof header};
     iov[1] = (struct iovec){conn->out, 8 * n};
-    /* Counted before the send, so a client that reads STATS after its reply arrived sees
-     * this request. */
+    /* Counted before the send, so STATS read by a client after its reply arrived already
+     * includes this request. */
     COUNT(conn, gets, n);
     COUNT(conn, get_hits, hits);
     COUNT(conn, get_misses, n - hits);

@@ -208,13 +208,14 @@ def _resolve_name(name: str) -> str:
     return f"/proc/{pid}/fd/{fd}"
 
 
-def _remove_stale_records() -> None:
-    """Delete name records whose owner process is gone (killed before it could)."""
-    directory = run_dir()
+def stale_name_records(directory: str) -> list[tuple[str, int]]:
+    """Return (path, owner pid) of the pool name records in `directory` whose owner process
+    has exited, in name order."""
     try:
-        names = [n for n in os.listdir(directory) if n.endswith(_REGISTRY_SUFFIX)]
+        names = sorted(n for n in os.listdir(directory) if n.endswith(_REGISTRY_SUFFIX))
     except OSError:
-        return
+        return []
+    stale = []
     for file_name in names:
         path = os.path.join(directory, file_name)
         try:
@@ -223,8 +224,15 @@ def _remove_stale_records() -> None:
         except (OSError, ValueError, KeyError, TypeError):
             continue
         if not pid_alive(pid):
-            logger.info("removing the name record %s of exited process %d", path, pid)
-            _remove_registry(path, os.getpid())
+            stale.append((path, pid))
+    return stale
+
+
+def _remove_stale_records() -> None:
+    """Delete name records whose owner process is gone (killed before it could)."""
+    for path, pid in stale_name_records(run_dir()):
+        logger.info("removing the name record %s of exited process %d", path, pid)
+        _remove_registry(path, os.getpid())
 
 
 def _remove_registry(path: str | None, pid: int) -> None:

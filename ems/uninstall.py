@@ -7,14 +7,13 @@ deletes a file that is not an EMS file: a spill directory that contains anything
 keeps those files and is itself kept. EMS reserves no hugepages itself, so there is
 nothing of that kind to release. The output states this and shows the host's reservation.
 
-Everything is planned first and printed. --dry-run stops there; otherwise the command asks
-for confirmation unless --yes. Exit codes: 0 done, 1 something could not be removed or
+Everything is planned first and printed. --dry-run stops there. Otherwise the command
+prompts for confirmation unless --yes is given. Exit codes: 0 done, 1 something could not be removed or
 the cluster has live members (without --force), 2 bad usage.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import signal
@@ -25,7 +24,7 @@ from dataclasses import dataclass, field
 
 from ems import daemon_record
 from ems.cluster.membership import ROOT, check_name
-from ems.pool import pid_alive, run_dir
+from ems.pool import run_dir, stale_name_records
 from ems.tiering import segment
 
 # Published and temporary segment names, as ems.tiering.segment makes them:
@@ -122,21 +121,7 @@ def _is_segment_file(path: str) -> bool:
 
 def _stale_pool_records(directory: str) -> list[str]:
     """Return the pool name records in `directory` whose owner process has exited."""
-    stale = []
-    try:
-        names = sorted(n for n in os.listdir(directory) if n.endswith(_POOL_RECORD_SUFFIX))
-    except FileNotFoundError:
-        return stale
-    for name in names:
-        path = os.path.join(directory, name)
-        try:
-            with open(path) as f:
-                pid = int(json.load(f)["pid"])
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
-        if not pid_alive(pid):
-            stale.append(path)
-    return stale
+    return [path for path, _ in stale_name_records(directory)]
 
 
 def _cluster_tree(zookeeper: str, cluster: str) -> tuple[list[str], list[str]]:

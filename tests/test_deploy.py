@@ -193,7 +193,7 @@ def test_daemonset_args_match_daemon(ems_env):
 
 
 def test_daemonset_hugepages_hold_pool(make_pool, ems_env):
-    """--pages hugetlb fails unless the hugepages limit holds the pool's whole mapping:
+    """--pages hugetlb fails unless the hugepages limit covers the pool's whole mapping:
     the data plus the index, rounded up to 2 MiB."""
     daemonset = find("DaemonSet", "ems-node")
     config = find("ConfigMap", "ems-config")["data"]

@@ -85,8 +85,9 @@ def main():
 
 def wait_spill_settled(directory: str, quiet_s: float = 0.5, timeout_s: float = 15.0) -> None:
     """Wait until the spill directory has not grown for quiet_s, as a user's think time
-    between turns would. Blocks the worker is still writing from DRAM to disk when the next
-    turn is scheduled are misses by design; this run checks that written ones are found."""
+    between turns would. Blocks that the worker is still writing from DRAM to disk when the
+    next turn is scheduled are misses by design. This run checks that written ones are
+    found."""
     from ems.tiering.view import SpillView
 
     view = SpillView(directory)

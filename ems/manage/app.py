@@ -121,6 +121,7 @@ def create_app(service: Service, audit: AuditLog,
         request.state.key_id = None
         request.state.resource = None
         request.state.reason = None
+
         length = request.headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
             response = error(request, 413, "too_large", f"request body of {length[:20]} bytes "
@@ -138,11 +139,13 @@ def create_app(service: Service, audit: AuditLog,
                                      "key": request.state.key_id})
                 response = error(request, 500, "internal_error", "internal error of the "
                                  "management service; its log has the details")
+
         route = request.scope.get("route")
         name = getattr(route, "name", None)
         if metrics is not None:
             metrics.observe_request(name or UNMATCHED, response.status_code,
                                     time.perf_counter() - started)
+
         action = name or f"{request.method} {request.url.path}"
         if request.url.path.startswith("/v1/"):
             resource = request.state.resource or _path_resource(request)

@@ -8,7 +8,7 @@ H+5 min ... H+60 min. For each hour:
     billable node-hours = floor(sum of that hour's samples / 12)
 
 and the charge is node-hours times the account's price per node-hour. Twelve samples of one
-node make one node-hour; a partial hour is billed on the samples it has so far, and there is
+node make one node-hour. A partial hour is billed on the samples it has so far, and there is
 no minimum charge.
 """
 from __future__ import annotations

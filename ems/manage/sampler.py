@@ -29,7 +29,7 @@ LOOP_S = 5.0           # how often the sampler wakes up
 PROBE_TIMEOUT_S = 2.0  # per node
 DELETED_RETRY_S = 86400   # deleted clusters' notices are retried this long
 # Clusters probed, and notices written, at once. A cluster whose ZooKeeper does not respond
-# holds one worker for up to zkstate.CONNECT_TIMEOUT_S (PUBLISH_TIMEOUT_S for a notice).
+# occupies one worker for up to zkstate.CONNECT_TIMEOUT_S (PUBLISH_TIMEOUT_S for a notice).
 # Taken one by one, a few dozen such clusters make a pass longer than GRACE_S, and then a
 # sample time can pass with no pass starting in its grace period, unsampled for everyone.
 CLUSTER_WORKERS = 32

@@ -213,6 +213,7 @@ class Service:
             # notice would replace that cluster's notice and stop its daemons.
             return ("not written: a newer cluster of this name on this ZooKeeper uses the "
                     "standing notice")
+
         standing = self.standing_of(cluster)
         content = (standing.revoked, standing.arrears, standing.deleted)
         with self._publish_lock:
@@ -222,6 +223,7 @@ class Service:
                 return "pending: waiting to retry ZooKeeper"
             self._published.pop(cluster_id, None)
             standing = dataclasses.replace(standing, issued=self._next_issued())
+
         token = tokens.sign_standing(self.signing_key, standing)
         try:
             if len(token) > tokens.MAX_STANDING_CHARS:
@@ -237,6 +239,7 @@ class Service:
                         cluster["zookeeper"], exc, PUBLISH_RETRY_S,
                         extra={"cluster": cluster_id, "account": cluster["account"]})
             return f"pending: ZooKeeper {cluster['zookeeper']} unreachable ({exc})"
+
         with self._publish_lock:
             self._published[cluster_id] = content
         log.info("standing notice of cluster %s (%s): revoked %d credentials, arrears %s, "

@@ -1,4 +1,4 @@
-"""Where activation lives in ZooKeeper, next to the cluster's membership.
+"""ZooKeeper paths of a cluster's activation, next to its membership.
 
     /ems/clusters/<cluster>/activation   the credential token that activated the cluster
     /ems/clusters/<cluster>/standing     the service's latest signed standing notice
