@@ -65,11 +65,10 @@ class SpillView:
     # ---- scanning ---------------------------------------------------------------------
 
     def _rescan(self) -> None:
+        # Open segments first, then the store: a segment the writer publishes (renames)
+        # between the two steps is then in one of them. In the other order it would be in
+        # neither until the next scan, and its blocks would count as misses.
         try:
-            if self._store is None:
-                self._store = SpillStore(self.directory, quota_bytes=1 << 62, read_only=True)
-            else:
-                self._store.refresh()
             names = [n for n in os.listdir(self.directory) if n.endswith(fmt.TEMP_SUFFIX)]
         except OSError as exc:
             log.debug("spill directory %s not readable yet: %s", self.directory, exc)
@@ -79,6 +78,14 @@ class SpillView:
         for name in names:
             offset, found = self._open.get(name, (0, set()))
             self._open[name] = (self._scan_open(name, offset, found), found)
+
+        try:
+            if self._store is None:
+                self._store = SpillStore(self.directory, quota_bytes=1 << 62, read_only=True)
+            else:
+                self._store.refresh()
+        except OSError as exc:
+            log.debug("spill directory %s not readable yet: %s", self.directory, exc)
 
     def _scan_open(self, name: str, offset: int, found: set[bytes]) -> int:
         """Add the keys of complete records from `offset` on; return where to resume."""
